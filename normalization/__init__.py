@@ -1,0 +1,15 @@
+"""Stain normalization: classical batched normalizers and the stain-physics functions."""
+
+from normalization.base import StainNormalizer, available_methods, build_normalizer
+from normalization.macenko import MacenkoNormalizer
+from normalization.reinhard import ReinhardNormalizer
+from normalization.vahadane import VahadaneNormalizer
+
+__all__ = [
+    "MacenkoNormalizer",
+    "ReinhardNormalizer",
+    "StainNormalizer",
+    "VahadaneNormalizer",
+    "available_methods",
+    "build_normalizer",
+]

@@ -1,0 +1,272 @@
+"""Shared behaviour of the classical stain normalizers.
+
+A normalizer is an ``nn.Module`` whose fitted target lives in buffers. Subclasses implement
+two hooks on float ``(B,3,H,W)`` batches:
+
+* ``_fit_target(rgb_list, mask_list)`` estimates and stores the target state;
+* ``_normalize(rgb, od, mask, enough)`` returns ``(output, valid)`` for a batch.
+
+Everything else (input checks, dtype/rank round trip, the invalid-tile policy, persistence)
+lives here so that every method behaves the same.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from genpath.image_tensor import to_float_batch
+from normalization.functional import rgb_to_od, sample_pixels, tissue_mask_od
+
+InvalidPolicy = Literal["passthrough", "reference", "raise"]
+INVALID_POLICIES = ("passthrough", "reference", "raise")
+_REGISTRY: dict[str, type[StainNormalizer]] = {}
+
+
+class StainNormalizer(nn.Module):
+    """Base class: fit a target once, then normalize any number of batches.
+
+    Args:
+        io: background intensity (0–255 scale) for optical density.
+        beta: minimum OD for a pixel to count as tissue.
+        od_max: maximum OD for tissue; darker pixels (black, pen, folds) are excluded.
+        min_tissue_fraction: a tile needs at least this share of tissue pixels to be normalized.
+        min_tissue_pixels: and at least this many tissue pixels.
+        max_pixels: pixels per tile used to estimate statistics (a fixed strided subset).
+        on_invalid: what to do with tiles whose statistics cannot be estimated (background,
+            black, single colour, noise, too little tissue): ``"passthrough"`` returns them
+            unchanged, ``"reference"`` normalizes them assuming the target's stains, ``"raise"``
+            raises a ``ValueError`` naming them.
+    """
+
+    method: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            _REGISTRY[cls.method] = cls
+
+    def __init__(
+        self,
+        io: float = 240.0,
+        beta: float = 0.15,
+        od_max: float = 3.0,
+        min_tissue_fraction: float = 0.02,
+        min_tissue_pixels: int = 64,
+        max_pixels: int = 16384,
+        on_invalid: InvalidPolicy = "passthrough",
+    ) -> None:
+        super().__init__()
+        if on_invalid not in INVALID_POLICIES:
+            raise ValueError(f"on_invalid: expected one of {INVALID_POLICIES}, got {on_invalid!r}")
+        if not io > 1.0:
+            raise ValueError(f"io: expected a background intensity > 1 (0-255 scale), got {io}")
+        if not 0.0 <= min_tissue_fraction <= 1.0:
+            raise ValueError(f"min_tissue_fraction: expected a value in [0, 1], got {min_tissue_fraction}")
+        if max_pixels < 16:
+            raise ValueError(f"max_pixels: expected at least 16, got {max_pixels}")
+        self.config: dict[str, Any] = {
+            "io": float(io), "beta": float(beta), "od_max": float(od_max),
+            "min_tissue_fraction": float(min_tissue_fraction),
+            "min_tissue_pixels": int(min_tissue_pixels), "max_pixels": int(max_pixels),
+            "on_invalid": on_invalid,
+        }
+        self.io, self.beta, self.od_max = float(io), float(beta), float(od_max)
+        self.min_tissue_fraction, self.min_tissue_pixels = min_tissue_fraction, min_tissue_pixels
+        self.max_pixels, self.on_invalid = max_pixels, on_invalid
+        self.register_buffer("fitted", torch.tensor(False))
+
+    # ----------------------------------------------------------------------------- hooks
+    def _fit_target(self, rgb: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _normalize(
+        self, rgb: torch.Tensor, od: torch.Tensor, mask: torch.Tensor, enough: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _tissue_mask(self, od: torch.Tensor) -> torch.Tensor:
+        return tissue_mask_od(od, self.beta, self.od_max)
+
+    def _pooled_pixels(
+        self, rgb: list[torch.Tensor], masks: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool sampled OD rows of several target images into one ``(1,N,3)`` set and mask."""
+        pairs = zip(rgb, masks, strict=True)
+        samples = [sample_pixels(rgb_to_od(x, self.io), m, self.max_pixels) for x, m in pairs]
+        return torch.cat([p for p, _ in samples], 1), torch.cat([m for _, m in samples], 1)
+
+    # ----------------------------------------------------------------------------- API
+    def tissue(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """OD, tissue mask and whether each tile has enough tissue.
+
+        Shape:
+            rgb ``(B,3,H,W)`` float -> od ``(B,3,H,W)``, mask ``(B,H,W)``, enough ``(B,)``.
+        """
+        od = rgb_to_od(rgb, self.io)
+        mask = self._tissue_mask(od)
+        count = mask.flatten(1).sum(-1)
+        need = max(self.min_tissue_pixels, self.min_tissue_fraction * mask[0].numel())
+        return od, mask, count >= need
+
+    def fit(
+        self,
+        target_images: torch.Tensor | Sequence[torch.Tensor],
+        tissue_mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ) -> Self:
+        """Estimate the target stain state from one or several images.
+
+        Tissue pixels of all targets are pooled into a single estimate.
+
+        Args:
+            target_images: ``(B,3,H,W)``, ``(3,H,W)`` or a list of such (sizes may differ).
+            tissue_mask: optional boolean ``(B,H,W)``/``(H,W)`` (or list matching the images)
+                restricting which pixels count; it is combined with the OD tissue mask.
+
+        Returns:
+            self, fitted.
+
+        Raises:
+            ValueError: the targets hold too little tissue to estimate stains.
+        """
+        images = [target_images] if isinstance(target_images, torch.Tensor) else list(target_images)
+        if not images:
+            raise ValueError("target_images: expected at least one image, got an empty sequence")
+        masks_in: list[torch.Tensor | None]
+        if tissue_mask is None:
+            masks_in = [None] * len(images)
+        elif isinstance(tissue_mask, torch.Tensor):
+            masks_in = [tissue_mask] if len(images) == 1 else list(tissue_mask.unbind(0))
+        else:
+            masks_in = list(tissue_mask)
+        if len(masks_in) != len(images):
+            raise ValueError(
+                f"tissue_mask: expected one mask per target image ({len(images)}), got {len(masks_in)}"
+            )
+        rgb_list, mask_list = [], []
+        for i, (image, user_mask) in enumerate(zip(images, masks_in, strict=True)):
+            rgb, _ = to_float_batch(image, f"target_images[{i}]")
+            rgb = rgb.to(self.fitted.device)
+            od = rgb_to_od(rgb, self.io)
+            mask = self._tissue_mask(od)
+            if user_mask is not None:
+                user_mask = torch.as_tensor(user_mask, device=mask.device).bool()
+                if user_mask.shape[-2:] != mask.shape[-2:]:
+                    raise ValueError(
+                        f"tissue_mask: expected spatial size {tuple(mask.shape[-2:])}, "
+                        f"got {tuple(user_mask.shape)}"
+                    )
+                mask = mask & user_mask.expand_as(mask)
+            rgb_list.extend(rgb.unbind(0))
+            mask_list.extend(mask.unbind(0))
+        total = int(sum(int(m.sum()) for m in mask_list))
+        if total < self.min_tissue_pixels:
+            raise ValueError(
+                f"target_images: expected at least {self.min_tissue_pixels} tissue pixels "
+                f"(OD in [{self.beta}, {self.od_max}]), got {total}"
+            )
+        self._fit_target([r.unsqueeze(0) for r in rgb_list], [m.unsqueeze(0) for m in mask_list])
+        self.fitted.fill_(True)
+        return self
+
+    def forward(
+        self, images: torch.Tensor, *, return_valid: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Normalize a batch of images to the fitted target.
+
+        Each tile is processed independently: its output does not depend on its batch companions.
+
+        Args:
+            images: uint8 or float RGB, ``(B,3,H,W)`` or ``(3,H,W)``; never modified.
+            return_valid: also return the per-tile validity mask.
+
+        Returns:
+            Normalized images in the input's dtype, rank and device; with ``return_valid``,
+            a tuple ``(images, valid)`` where ``valid`` is ``(B,)`` bool (``()`` for one image).
+
+        Raises:
+            RuntimeError: called before :meth:`fit` or :meth:`load`.
+            ValueError: ``on_invalid="raise"`` and some tile is invalid.
+        """
+        if not bool(self.fitted):
+            raise RuntimeError(
+                f"{type(self).__name__} is not fitted: call .fit(target_images) "
+                f"or {type(self).__name__}.load(path) before normalizing"
+            )
+        rgb, restore = to_float_batch(images, "images")
+        rgb = rgb.to(self.fitted.device)
+        od, mask, enough = self.tissue(rgb)
+        out, valid = self._normalize(rgb, od, mask, enough)
+        if self.on_invalid == "raise" and not bool(valid.all()):
+            bad = torch.nonzero(~valid).flatten().tolist()
+            raise ValueError(
+                f"images: expected tiles with enough stained tissue, got invalid tiles at {bad} "
+                "(background, black, single-colour or noise); use on_invalid='passthrough' to skip them"
+            )
+        out = restore(out.to(images.device))
+        if not return_valid:
+            return out
+        valid = valid.to(images.device)
+        return (out, valid.squeeze(0)) if images.ndim == 3 else (out, valid)
+
+    # ----------------------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Save the fitted state and settings to a ``.safetensors`` file (written atomically)."""
+        if not bool(self.fitted):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit() before .save()")
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        meta = {"genpath_normalizer": self.method, "config": json.dumps(self.config)}
+        save_file(state, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> StainNormalizer:
+        """Load a normalizer saved with :meth:`save`; ``overrides`` replace saved settings.
+
+        Called on the base class, the method recorded in the file decides the subclass.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path: expected a saved normalizer file, got {path} (missing)")
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        method = meta.get("genpath_normalizer")
+        if method not in _REGISTRY:
+            raise ValueError(
+                f"path: expected a genpath normalizer file, got metadata method {method!r} in {path}"
+            )
+        target = _REGISTRY[method]
+        if cls is not StainNormalizer and not issubclass(target, cls):
+            raise ValueError(f"path: expected a {cls.method} normalizer, got {method} in {path}")
+        config = {**json.loads(meta["config"]), **overrides}
+        module = target(**config)
+        module.load_state_dict(load_file(str(path)))
+        return module
+
+
+def available_methods() -> list[str]:
+    """Names of registered normalization methods (``macenko``, ``reinhard``, ...)."""
+    return sorted(_REGISTRY)
+
+
+def build_normalizer(method: str, **kwargs: Any) -> StainNormalizer:
+    """Instantiate a normalizer by method name.
+
+    Example:
+        >>> build_normalizer("macenko").method
+        'macenko'
+    """
+    if method not in _REGISTRY:
+        raise ValueError(f"method: expected one of {available_methods()}, got {method!r}")
+    return _REGISTRY[method](**kwargs)

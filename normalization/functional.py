@@ -1,0 +1,368 @@
+"""Stain physics as pure, batched torch functions.
+
+Every function here is non-mutating and works on a whole batch at once: no Python loop over
+tiles. Conventions:
+
+* RGB images are float in [0, 1], ``(B,3,H,W)``.
+* Optical density (Beer–Lambert) uses a background intensity ``io`` on the 0–255 scale and a
+  +1 offset so that black pixels stay finite: ``od = -log((255·rgb + 1) / io)``. The inverse
+  :func:`od_to_rgb` undoes it exactly. The offset and ``io=240`` match torchstain and Macenko's
+  paper, so stain vectors agree with torchstain's.
+* Stain matrices are ``(B,3,2)``: unit OD vectors of haematoxylin (column 0) and eosin (column 1).
+* Pixel sets for estimation are ``(B,N,3)`` OD rows with a ``(B,N)`` boolean mask, so tiles with
+  different amounts of tissue share one tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from kornia.color import lab_to_rgb, rgb_to_lab
+
+#: Reference H and E OD vectors (columns) and 99th-percentile concentrations, from torchstain /
+#: Macenko et al. 2009. Used to tell H from E and as a fallback target.
+REFERENCE_STAINS = torch.tensor([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
+REFERENCE_MAX_CONCENTRATIONS = torch.tensor([1.9705, 1.0308])
+
+
+def rgb_to_od(rgb: torch.Tensor, io: float = 240.0) -> torch.Tensor:
+    """Convert RGB in [0, 1] to optical density by Beer–Lambert.
+
+    Args:
+        rgb: float RGB values in [0, 1], any shape.
+        io: background (incident light) intensity on the 0–255 scale.
+
+    Returns:
+        Optical density, same shape; ``-log((255·rgb + 1) / io)``.
+
+    Example:
+        >>> rgb_to_od(torch.tensor([239 / 255]), io=240.0)
+        tensor([-0.])
+    """
+    return -torch.log((rgb * 255.0 + 1.0) / io)
+
+
+def od_to_rgb(od: torch.Tensor, io: float = 240.0) -> torch.Tensor:
+    """Convert optical density back to RGB in [0, 1]; the exact inverse of :func:`rgb_to_od`.
+
+    Values are clamped to [0, 1] (OD below ``-log(256/io)`` is brighter than white).
+
+    Example:
+        >>> x = torch.rand(3, 4, 4)
+        >>> torch.allclose(od_to_rgb(rgb_to_od(x)), x, atol=1e-5)
+        True
+    """
+    return ((io * torch.exp(-od) - 1.0) / 255.0).clamp(0.0, 1.0)
+
+
+def tissue_mask_od(od: torch.Tensor, beta: float = 0.15, od_max: float = 3.0) -> torch.Tensor:
+    """Tissue pixels: every channel's OD at least ``beta`` and the mean OD at most ``od_max``.
+
+    Low OD is background glass; a very high mean OD is black or saturated (pen marks, folds,
+    dust). The upper bound is on the mean so that dark nuclei, which saturate one channel in
+    JPEG-compressed scans, stay in: dropping them biases the haematoxylin vector.
+
+    Shape:
+        od ``(B,3,H,W)`` -> mask ``(B,H,W)``.
+    """
+    return (od >= beta).all(dim=-3) & (od.mean(dim=-3) <= od_max)
+
+
+def sample_pixels(
+    od: torch.Tensor, mask: torch.Tensor, max_pixels: int = 16384
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take a fixed strided subset of pixels for stain estimation.
+
+    The subset depends only on the tile's own size, so estimates are deterministic and
+    independent of batch companions.
+
+    Shape:
+        od ``(B,3,H,W)``, mask ``(B,H,W)`` -> pixels ``(B,N,3)``, mask ``(B,N)``, ``N <= max_pixels``.
+    """
+    b, c, h, w = od.shape
+    step = max(1, -(-h * w // max_pixels))
+    pixels = od.reshape(b, c, h * w)[:, :, ::step].transpose(1, 2)
+    return pixels, mask.reshape(b, h * w)[:, ::step]
+
+
+def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row quantile over masked entries (nearest rank, as torchstain's ``percentile``).
+
+    Rows without any masked entry return 0.
+
+    Shape:
+        values, mask ``(B,N)`` -> ``(B,)``.
+
+    Example:
+        >>> masked_quantile(torch.arange(5.0)[None], torch.ones(1, 5, dtype=torch.bool), 0.5)
+        tensor([2.])
+    """
+    filled = values.masked_fill(~mask, float("inf"))
+    ordered, _ = filled.sort(dim=-1)
+    count = mask.sum(dim=-1)
+    index = torch.round(q * (count - 1).clamp(min=0).to(values.dtype)).long()
+    out = ordered.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return torch.where(count > 0, out, torch.zeros_like(out))
+
+
+def concentration_percentiles(
+    concentrations: torch.Tensor, mask: torch.Tensor, percentile: float = 99.0
+) -> torch.Tensor:
+    """Per-tile ``percentile`` of each stain's concentration over masked pixels.
+
+    Shape:
+        concentrations ``(B,2,N)``, mask ``(B,N)`` -> ``(B,2)``.
+    """
+    q = percentile / 100.0
+    return torch.stack([masked_quantile(c, mask, q) for c in concentrations.unbind(1)], -1)
+
+
+def masked_covariance(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Covariance of the masked rows of each batch item.
+
+    Shape:
+        pixels ``(B,N,C)``, mask ``(B,N)`` -> ``(B,C,C)``.
+    """
+    weight = mask.to(pixels.dtype).unsqueeze(-1)
+    count = weight.sum(dim=1).clamp(min=2.0)
+    mean = (pixels * weight).sum(dim=1) / count
+    centred = (pixels - mean.unsqueeze(1)) * weight
+    return centred.transpose(1, 2) @ centred / (count - 1.0).unsqueeze(-1)
+
+
+def order_stains(
+    first: torch.Tensor, second: torch.Tensor, reference: torch.Tensor = REFERENCE_STAINS
+) -> torch.Tensor:
+    """Assign two unit stain vectors to H and E by cosine similarity to reference vectors.
+
+    Shape:
+        first, second ``(B,3)`` -> stain matrix ``(B,3,2)`` (H, E columns).
+    """
+    ref = F.normalize(reference.to(first), dim=0)
+    keep = (first @ ref[:, 0] + second @ ref[:, 1]) >= (first @ ref[:, 1] + second @ ref[:, 0])
+    h = torch.where(keep.unsqueeze(-1), first, second)
+    e = torch.where(keep.unsqueeze(-1), second, first)
+    return torch.stack([h, e], dim=-1)
+
+
+def stain_matrix_validity(
+    stains: torch.Tensor, min_angle_deg: float = 3.0, min_component: float = -0.05
+) -> torch.Tensor:
+    """Physical plausibility of estimated stain vectors: non-negative OD and distinct directions.
+
+    Shape:
+        stains ``(B,3,2)`` -> ``(B,)`` bool.
+    """
+    finite = torch.isfinite(stains).flatten(1).all(dim=1)
+    nonneg = (stains.nan_to_num(-1.0) >= min_component).flatten(1).all(dim=1)
+    cos = (F.normalize(stains[..., 0], dim=-1) * F.normalize(stains[..., 1], dim=-1)).sum(-1)
+    distinct = cos < torch.cos(torch.deg2rad(torch.tensor(min_angle_deg)))
+    return finite & nonneg & distinct
+
+
+def macenko_stain_matrix(
+    pixels: torch.Tensor,
+    mask: torch.Tensor,
+    alpha: float = 1.0,
+    min_variance: float = 1e-4,
+    max_residual: float = 0.25,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimate H&E stain vectors by Macenko's method, for every tile at once.
+
+    The OD of tissue pixels is projected on the plane of its two main principal axes; the
+    ``alpha`` and ``100 - alpha`` percentiles of the angle in that plane give the stain vectors.
+
+    Args:
+        pixels: OD rows of each tile.
+        mask: which rows are tissue.
+        alpha: angle percentile (in percent).
+        min_variance: the plane's second eigenvalue below this means a single colour: invalid.
+        max_residual: share of OD variance off the plane above this means no two-stain
+            structure (noise): invalid.
+
+    Returns:
+        ``(stains, valid)``: ``(B,3,2)`` unit vectors ordered (H, E) and a ``(B,)`` validity mask.
+        Invalid tiles get the reference matrix so downstream maths stays finite.
+
+    Example:
+        >>> od = torch.rand(2, 100, 3)
+        >>> stains, valid = macenko_stain_matrix(od, torch.ones(2, 100, dtype=torch.bool))
+        >>> stains.shape
+        torch.Size([2, 3, 2])
+    """
+    cov = masked_covariance(pixels, mask)
+    cov = cov + 1e-9 * torch.eye(3, dtype=cov.dtype, device=cov.device)
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    # eigh sorts ascending; columns 2 and 1 span the stain plane. Point the main axis into
+    # positive OD so projected angles stay inside (-pi/2, pi/2) without wrapping.
+    main = eigvecs[..., 2] * torch.where(eigvecs[..., 2].sum(-1, keepdim=True) < 0, -1.0, 1.0)
+    second = eigvecs[..., 1]
+    plane = torch.stack([main, second], dim=-1)
+    projected = pixels @ plane
+    phi = torch.atan2(projected[..., 1], projected[..., 0])
+    phi_lo = masked_quantile(phi, mask, alpha / 100.0)
+    phi_hi = masked_quantile(phi, mask, 1.0 - alpha / 100.0)
+    v_lo = plane @ torch.stack([torch.cos(phi_lo), torch.sin(phi_lo)], dim=-1).unsqueeze(-1)
+    v_hi = plane @ torch.stack([torch.cos(phi_hi), torch.sin(phi_hi)], dim=-1).unsqueeze(-1)
+    stains = order_stains(v_lo.squeeze(-1), v_hi.squeeze(-1))
+    total = eigvals.clamp(min=0).sum(-1)
+    valid = (
+        (eigvals[..., 1] > min_variance)
+        & (eigvals[..., 0].clamp(min=0) <= max_residual * total)
+        & stain_matrix_validity(stains)
+    )
+    fallback = REFERENCE_STAINS.to(stains).expand_as(stains)
+    stains = F.normalize(torch.where(valid[:, None, None], stains, fallback), dim=1)
+    return stains, valid
+
+
+def concentrations_lstsq(od: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
+    """Least-squares stain concentrations, ``pinv(S) · od``, per tile.
+
+    Shape:
+        od ``(B,3,...)``, stains ``(B,3,2)`` -> ``(B,2,...)``.
+    """
+    b = od.shape[0]
+    flat = od.reshape(b, 3, -1)
+    return (torch.linalg.pinv(stains) @ flat).reshape(b, 2, *od.shape[2:])
+
+
+def concentrations_nonneg(od: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
+    """Non-negative least-squares concentrations for two stains, in closed form per pixel.
+
+    With two stains, NNLS has three candidate solutions: the unconstrained one (when it is
+    non-negative) or one stain alone; the feasible candidate with the lowest residual wins.
+
+    Shape:
+        od ``(B,3,...)``, stains ``(B,3,2)`` -> ``(B,2,...)``.
+    """
+    b = od.shape[0]
+    flat = od.reshape(b, 3, -1)
+    free = torch.linalg.pinv(stains) @ flat
+    norms = (stains * stains).sum(1).clamp(min=1e-12)  # (B,2)
+    single = ((stains.transpose(1, 2) @ flat) / norms.unsqueeze(-1)).clamp(min=0)  # (B,2,N)
+
+    def residual(c: torch.Tensor) -> torch.Tensor:
+        return ((stains @ c - flat) ** 2).sum(1)
+
+    only_h = torch.stack([single[:, 0], torch.zeros_like(single[:, 0])], 1)
+    only_e = torch.stack([torch.zeros_like(single[:, 1]), single[:, 1]], 1)
+    best_single = torch.where((residual(only_h) <= residual(only_e)).unsqueeze(1), only_h, only_e)
+    out = torch.where((free >= 0).all(1, keepdim=True), free, best_single)
+    return out.reshape(b, 2, *od.shape[2:])
+
+
+def render_od(concentrations: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
+    """Beer–Lambert mixing: ``od = S · c``.
+
+    Shape:
+        concentrations ``(B,2,...)``, stains ``(B,3,2)`` -> ``(B,3,...)``.
+    """
+    b = concentrations.shape[0]
+    flat = concentrations.reshape(b, 2, -1)
+    return (stains @ flat).reshape(b, 3, *concentrations.shape[2:])
+
+
+def vahadane_stain_matrix(
+    pixels: torch.Tensor,
+    mask: torch.Tensor,
+    init: torch.Tensor,
+    sparsity: float = 0.1,
+    n_iter: int = 60,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse non-negative factorisation ``OD ≈ S·C`` (Vahadane et al. 2016), batched.
+
+    Alternates one proximal-gradient (ISTA) step on the concentrations with an L1 penalty
+    ``sparsity`` and a non-negative least-squares update of the unit-norm stain vectors.
+    Replaces the SPAMS dictionary learning that staintools uses (SPAMS is not installable).
+
+    Args:
+        pixels: OD rows ``(B,N,3)``.
+        mask: tissue rows ``(B,N)``.
+        init: initial stain matrices ``(B,3,2)`` (e.g. from :func:`macenko_stain_matrix`).
+        sparsity: L1 weight on concentrations (SPAMS' ``lambda1``).
+        n_iter: alternations.
+
+    Returns:
+        ``(stains, valid)`` as in :func:`macenko_stain_matrix`.
+    """
+    od = pixels.transpose(1, 2) * mask.unsqueeze(1).to(pixels.dtype)  # (B,3,N)
+    stains = init.clone()
+    conc = concentrations_lstsq(od, stains).clamp(min=0)
+    eye = 1e-6 * torch.eye(2, dtype=od.dtype, device=od.device)
+    for _ in range(n_iter):
+        gram = stains.transpose(1, 2) @ stains  # (B,2,2)
+        lipschitz = torch.linalg.eigvalsh(gram)[..., -1].clamp(min=1e-6)[:, None, None]
+        grad = gram @ conc - stains.transpose(1, 2) @ od
+        conc = (conc - (grad + sparsity) / lipschitz).clamp(min=0)
+        hht = conc @ conc.transpose(1, 2) + eye
+        stains = (od @ conc.transpose(1, 2)) @ torch.linalg.inv(hht)
+        stains = F.normalize(stains.clamp(min=0), dim=1)
+    stains = order_stains(stains[..., 0], stains[..., 1])
+    valid = stain_matrix_validity(stains)
+    stains = torch.where(valid[:, None, None], stains, init)
+    return stains, valid
+
+
+def stain_transfer_matrix(
+    source_stains: torch.Tensor,
+    source_max: torch.Tensor,
+    target_stains: torch.Tensor,
+    target_max: torch.Tensor,
+) -> torch.Tensor:
+    """Build the 3×3 OD map of Macenko normalization: ``S_t · diag(m_t / m_s) · pinv(S_s)``.
+
+    Shape:
+        source_stains, target_stains ``(B,3,2)``; source_max, target_max ``(B,2)`` -> ``(B,3,3)``.
+    """
+    scale = (target_max / source_max.clamp(min=1e-6)).unsqueeze(-1)
+    return target_stains @ (scale * torch.linalg.pinv(source_stains))
+
+
+def apply_od_map(rgb: torch.Tensor, matrix: torch.Tensor, io: float = 240.0) -> torch.Tensor:
+    """Apply a per-tile linear map in OD space: ``od_to_rgb(M · rgb_to_od(rgb))``.
+
+    Shape:
+        rgb ``(B,3,H,W)``, matrix ``(B,3,3)`` -> ``(B,3,H,W)``.
+    """
+    od = rgb_to_od(rgb, io)
+    return od_to_rgb(torch.einsum("bij,bjhw->bihw", matrix, od), io)
+
+
+def lab_statistics(
+    rgb: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile mean and standard deviation of CIE-LAB channels (kornia's conversion).
+
+    Args:
+        rgb: ``(B,3,H,W)`` in [0, 1].
+        mask: optional ``(B,H,W)`` pixels to include; all pixels when None.
+
+    Returns:
+        ``(mean, std)``, each ``(B,3)``; std is floored at 1e-3.
+    """
+    lab = rgb_to_lab(rgb).flatten(2)
+    weight = torch.ones_like(lab[:, :1]) if mask is None else mask.flatten(1)[:, None].to(lab)
+    count = weight.sum(-1).clamp(min=1.0)
+    mean = (lab * weight).sum(-1) / count
+    var = (((lab - mean.unsqueeze(-1)) ** 2) * weight).sum(-1) / count
+    return mean, var.sqrt().clamp(min=1e-3)
+
+
+def reinhard_transfer(
+    rgb: torch.Tensor,
+    source_mean: torch.Tensor,
+    source_std: torch.Tensor,
+    target_mean: torch.Tensor,
+    target_std: torch.Tensor,
+) -> torch.Tensor:
+    """Reinhard colour transfer: a per-tile affine map of each LAB channel.
+
+    Shape:
+        rgb ``(B,3,H,W)``; statistics ``(B,3)`` -> ``(B,3,H,W)``.
+    """
+    lab = rgb_to_lab(rgb)
+    scale = (target_std / source_std)[..., None, None]
+    lab = (lab - source_mean[..., None, None]) * scale + target_mean[..., None, None]
+    lab = torch.cat([lab[:, :1].clamp(0.0, 100.0), lab[:, 1:]], dim=1)
+    return lab_to_rgb(lab, clip=True)
