@@ -83,8 +83,8 @@ def stain_jitter(
         rgb ``(B,3,H,W)``, stain_vector_shift ``(B,3,2)``, concentration_* ``(B,2)`` -> ``(B,3,H,W)``.
     """
     od = rgb_to_od(rgb, io)
-    pixels, pmask = sample_pixels(od, tissue_mask_od(od), max_pixels)
-    stains, _ = macenko_stain_matrix(pixels, pmask)
+    pixels = sample_pixels(od, max_pixels)
+    stains, _ = macenko_stain_matrix(pixels, tissue_mask_od(pixels, dim=-1))
     conc = concentrations_lstsq(od, stains)
     residual = od - render_od(conc, stains)  # what two stains do not explain: keep it
     new_stains = torch.nn.functional.normalize(

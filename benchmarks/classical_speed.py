@@ -41,6 +41,7 @@ def main() -> None:
                       ("genpath vahadane", VahadaneNormalizer)]:
         norm = cls().fit(target)
         results[name] = n / timed(lambda norm=norm: norm(tiles))
+        print(f"  measured {name}: {results[name]:.1f} tiles/s", flush=True)
     float_tiles = tiles.float() / 255
     norm = MacenkoNormalizer().fit(target)
     results["genpath macenko (float input)"] = n / timed(lambda: norm(float_tiles))
@@ -52,18 +53,18 @@ def main() -> None:
             ts = getattr(torchstain.normalizers, f"{method.capitalize()}Normalizer")(backend=backend)
             data = [t if backend == "torch" else t.permute(1, 2, 0).numpy() for t in tiles]
             ts.fit(target if backend == "torch" else target.permute(1, 2, 0).numpy())
-            results[f"torchstain {method} ({backend}, per tile)"] = n / timed(
-                lambda ts=ts, data=data: [ts.normalize(x) for x in data], repeats=1
-            )
+            key = f"torchstain {method} ({backend}, per tile)"
+            results[key] = n / timed(lambda ts=ts, data=data: [ts.normalize(x) for x in data], repeats=1)
+            print(f"  measured {key}: {results[key]:.1f} tiles/s", flush=True)
     try:
         from torch_staintools.normalizer import NormalizerBuilder
 
         for method in ("macenko", "reinhard", "vahadane"):
             tst = NormalizerBuilder.build(method, concentration_solver="ls")
             tst.fit(target[None].float() / 255)
-            results[f"torch-staintools {method} (batched)"] = n / timed(
-                lambda tst=tst: tst(float_tiles), repeats=1
-            )
+            key = f"torch-staintools {method} (batched)"
+            results[key] = n / timed(lambda tst=tst: tst(float_tiles), repeats=1)
+            print(f"  measured {key}: {results[key]:.1f} tiles/s", flush=True)
     except Exception as error:  # noqa: BLE001 - an optional peer; report and go on
         print(f"torch-staintools unavailable: {error}")
 

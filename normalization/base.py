@@ -1,10 +1,11 @@
 """Shared behaviour of the classical stain normalizers.
 
 A normalizer is an ``nn.Module`` whose fitted target lives in buffers. Subclasses implement
-two hooks on float ``(B,3,H,W)`` batches:
+two hooks, both fed a :class:`TissueSample` (a fixed strided subset of pixels with their OD and
+tissue mask, so statistics never need full-resolution masks):
 
-* ``_fit_target(rgb_list, mask_list)`` estimates and stores the target state;
-* ``_normalize(rgb, od, mask, enough)`` returns ``(output, valid)`` for a batch.
+* ``_fit_target(sample)`` estimates and stores the target state from the pooled targets;
+* ``_normalize(rgb, sample)`` maps a float ``(B,3,H,W)`` batch and returns ``(output, valid)``.
 
 Everything else (input checks, dtype/rank round trip, the invalid-tile policy, persistence)
 lives here so that every method behaves the same.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
@@ -27,6 +29,23 @@ from normalization.functional import rgb_to_od, sample_pixels, tissue_mask_od
 InvalidPolicy = Literal["passthrough", "reference", "raise"]
 INVALID_POLICIES = ("passthrough", "reference", "raise")
 _REGISTRY: dict[str, type[StainNormalizer]] = {}
+
+
+@dataclass
+class TissueSample:
+    """The strided estimation subset of a batch.
+
+    Attributes:
+        rgb: ``(B,N,3)`` float RGB of the sampled pixels.
+        od: ``(B,N,3)`` their optical density.
+        mask: ``(B,N)`` which of them are tissue.
+        enough: ``(B,)`` whether each tile has enough tissue to be normalized.
+    """
+
+    rgb: torch.Tensor
+    od: torch.Tensor
+    mask: torch.Tensor
+    enough: torch.Tensor
 
 
 class StainNormalizer(nn.Module):
@@ -83,37 +102,37 @@ class StainNormalizer(nn.Module):
         self.register_buffer("fitted", torch.tensor(False))
 
     # ----------------------------------------------------------------------------- hooks
-    def _fit_target(self, rgb: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    #: Whether the subclass implements ``on_invalid="reference"`` itself; if not, invalid tiles
+    #: pass through under that policy too.
+    supports_reference: ClassVar[bool] = False
+
+    def _fit_target(self, sample: TissueSample) -> None:
         raise NotImplementedError
 
-    def _normalize(
-        self, rgb: torch.Tensor, od: torch.Tensor, mask: torch.Tensor, enough: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _tissue_mask(self, od: torch.Tensor) -> torch.Tensor:
-        return tissue_mask_od(od, self.beta, self.od_max)
-
-    def _pooled_pixels(
-        self, rgb: list[torch.Tensor], masks: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pool sampled OD rows of several target images into one ``(1,N,3)`` set and mask."""
-        pairs = zip(rgb, masks, strict=True)
-        samples = [sample_pixels(rgb_to_od(x, self.io), m, self.max_pixels) for x, m in pairs]
-        return torch.cat([p for p, _ in samples], 1), torch.cat([m for _, m in samples], 1)
+    def _tissue_mask(self, od_pixels: torch.Tensor) -> torch.Tensor:
+        return tissue_mask_od(od_pixels, self.beta, self.od_max, dim=-1)
 
     # ----------------------------------------------------------------------------- API
-    def tissue(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """OD, tissue mask and whether each tile has enough tissue.
+    def sample_tissue(self, rgb: torch.Tensor, user_mask: torch.Tensor | None = None) -> TissueSample:
+        """Take the strided estimation subset of each tile and find its tissue pixels.
+
+        Tissue counts for ``min_tissue_pixels`` and ``min_tissue_fraction`` are taken on this
+        subset (at most ``max_pixels`` per tile), not on every pixel.
 
         Shape:
-            rgb ``(B,3,H,W)`` float -> od ``(B,3,H,W)``, mask ``(B,H,W)``, enough ``(B,)``.
+            rgb ``(B,3,H,W)`` float, user_mask ``(B,H,W)`` bool or None.
         """
-        od = rgb_to_od(rgb, self.io)
-        mask = self._tissue_mask(od)
-        count = mask.flatten(1).sum(-1)
-        need = max(self.min_tissue_pixels, self.min_tissue_fraction * mask[0].numel())
-        return od, mask, count >= need
+        rgb_px = sample_pixels(rgb, self.max_pixels)
+        od_px = rgb_to_od(rgb_px, self.io)
+        mask = self._tissue_mask(od_px)
+        if user_mask is not None:
+            mask = mask & (sample_pixels(user_mask[:, None].to(rgb), self.max_pixels)[..., 0] > 0.5)
+        count, n = mask.sum(-1), mask.shape[-1]
+        enough = (count >= min(self.min_tissue_pixels, n)) & (count >= self.min_tissue_fraction * n)
+        return TissueSample(rgb_px, od_px, mask, enough)
 
     def fit(
         self,
@@ -149,29 +168,29 @@ class StainNormalizer(nn.Module):
             raise ValueError(
                 f"tissue_mask: expected one mask per target image ({len(images)}), got {len(masks_in)}"
             )
-        rgb_list, mask_list = [], []
+        samples = []
         for i, (image, user_mask) in enumerate(zip(images, masks_in, strict=True)):
             rgb, _ = to_float_batch(image, f"target_images[{i}]")
             rgb = rgb.to(self.fitted.device)
-            od = rgb_to_od(rgb, self.io)
-            mask = self._tissue_mask(od)
             if user_mask is not None:
-                user_mask = torch.as_tensor(user_mask, device=mask.device).bool()
-                if user_mask.shape[-2:] != mask.shape[-2:]:
+                user_mask = torch.as_tensor(user_mask, device=rgb.device).bool()
+                if user_mask.shape[-2:] != rgb.shape[-2:]:
                     raise ValueError(
-                        f"tissue_mask: expected spatial size {tuple(mask.shape[-2:])}, "
-                        f"got {tuple(user_mask.shape)}"
+                        f"tissue_mask: expected spatial size {tuple(rgb.shape[-2:])}, got {tuple(user_mask.shape)}"
                     )
-                mask = mask & user_mask.expand_as(mask)
-            rgb_list.extend(rgb.unbind(0))
-            mask_list.extend(mask.unbind(0))
-        total = int(sum(int(m.sum()) for m in mask_list))
+                user_mask = user_mask.expand(rgb.shape[0], *rgb.shape[-2:])
+            samples.append(self.sample_tissue(rgb, user_mask))
+        pooled = TissueSample(
+            *(torch.cat([getattr(x, f).flatten(0, 1)[None] for x in samples], 1) for f in ("rgb", "od", "mask")),
+            enough=torch.ones(1, dtype=torch.bool, device=self.fitted.device),
+        )
+        total = int(pooled.mask.sum())
         if total < self.min_tissue_pixels:
             raise ValueError(
                 f"target_images: expected at least {self.min_tissue_pixels} tissue pixels "
-                f"(OD in [{self.beta}, {self.od_max}]), got {total}"
+                f"(OD in [{self.beta}, {self.od_max}]) among the sampled pixels, got {total}"
             )
-        self._fit_target([r.unsqueeze(0) for r in rgb_list], [m.unsqueeze(0) for m in mask_list])
+        self._fit_target(pooled)
         self.fitted.fill_(True)
         return self
 
@@ -201,8 +220,9 @@ class StainNormalizer(nn.Module):
             )
         rgb, restore = to_float_batch(images, "images")
         rgb = rgb.to(self.fitted.device)
-        od, mask, enough = self.tissue(rgb)
-        out, valid = self._normalize(rgb, od, mask, enough)
+        out, valid = self._normalize(rgb, self.sample_tissue(rgb))
+        if not bool(valid.all()) and (self.on_invalid == "passthrough" or not self.supports_reference):
+            out[~valid] = rgb[~valid]
         if self.on_invalid == "raise" and not bool(valid.all()):
             bad = torch.nonzero(~valid).flatten().tolist()
             raise ValueError(

@@ -15,6 +15,9 @@ tiles. Conventions:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from kornia.color import lab_to_rgb, rgb_to_lab
@@ -39,7 +42,7 @@ def rgb_to_od(rgb: torch.Tensor, io: float = 240.0) -> torch.Tensor:
         >>> rgb_to_od(torch.tensor([239 / 255]), io=240.0)
         tensor([-0.])
     """
-    return -torch.log((rgb * 255.0 + 1.0) / io)
+    return (rgb * 255.0).add_(1.0).div_(io).log_().neg_()
 
 
 def od_to_rgb(od: torch.Tensor, io: float = 240.0) -> torch.Tensor:
@@ -52,10 +55,10 @@ def od_to_rgb(od: torch.Tensor, io: float = 240.0) -> torch.Tensor:
         >>> torch.allclose(od_to_rgb(rgb_to_od(x)), x, atol=1e-5)
         True
     """
-    return ((io * torch.exp(-od) - 1.0) / 255.0).clamp(0.0, 1.0)
+    return torch.exp(-od).mul_(io).sub_(1.0).div_(255.0).clamp_(0.0, 1.0)
 
 
-def tissue_mask_od(od: torch.Tensor, beta: float = 0.15, od_max: float = 3.0) -> torch.Tensor:
+def tissue_mask_od(od: torch.Tensor, beta: float = 0.15, od_max: float = 3.0, dim: int = -3) -> torch.Tensor:
     """Tissue pixels: every channel's OD at least ``beta`` and the mean OD at most ``od_max``.
 
     Low OD is background glass; a very high mean OD is black or saturated (pen marks, folds,
@@ -63,46 +66,47 @@ def tissue_mask_od(od: torch.Tensor, beta: float = 0.15, od_max: float = 3.0) ->
     JPEG-compressed scans, stay in: dropping them biases the haematoxylin vector.
 
     Shape:
-        od ``(B,3,H,W)`` -> mask ``(B,H,W)``.
+        od ``(B,3,H,W)`` -> mask ``(B,H,W)``; with ``dim=-1``, pixels ``(B,N,3)`` -> ``(B,N)``.
     """
-    return (od >= beta).all(dim=-3) & (od.mean(dim=-3) <= od_max)
+    return (od >= beta).all(dim=dim) & (od.mean(dim=dim) <= od_max)
 
 
-def sample_pixels(
-    od: torch.Tensor, mask: torch.Tensor, max_pixels: int = 16384
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Take a fixed strided subset of pixels for stain estimation.
+def sample_pixels(image: torch.Tensor, max_pixels: int = 16384) -> torch.Tensor:
+    """Take a fixed strided subset of pixels for estimation.
 
-    The subset depends only on the tile's own size, so estimates are deterministic and
+    The flat step is made coprime with the width so the subset is a lattice that covers every
+    row and column. It depends only on the tile's own size, so estimates are deterministic and
     independent of batch companions.
 
     Shape:
-        od ``(B,3,H,W)``, mask ``(B,H,W)`` -> pixels ``(B,N,3)``, mask ``(B,N)``, ``N <= max_pixels``.
+        image ``(B,C,H,W)`` -> pixels ``(B,N,C)`` with ``N <= max_pixels``.
     """
-    b, c, h, w = od.shape
+    b, c, h, w = image.shape
     step = max(1, -(-h * w // max_pixels))
-    pixels = od.reshape(b, c, h * w)[:, :, ::step].transpose(1, 2)
-    return pixels, mask.reshape(b, h * w)[:, ::step]
+    while step > 1 and math.gcd(step, w) != 1:  # coprime with the width: a lattice, not a few columns
+        step += 1
+    return image.reshape(b, c, h * w)[:, :, ::step].transpose(1, 2)
 
 
-def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
-    """Per-row quantile over masked entries (nearest rank, as torchstain's ``percentile``).
+def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float | Sequence[float]) -> torch.Tensor:
+    """Quantiles over the masked entries of each row (nearest rank, as torchstain's ``percentile``).
 
-    Rows without any masked entry return 0.
+    One sort serves all requested quantiles. Rows without any masked entry return 0.
 
     Shape:
-        values, mask ``(B,N)`` -> ``(B,)``.
+        values, mask ``(...,N)`` -> ``(...)`` for a float ``q``, ``(...,len(q))`` for a sequence.
 
     Example:
         >>> masked_quantile(torch.arange(5.0)[None], torch.ones(1, 5, dtype=torch.bool), 0.5)
         tensor([2.])
     """
-    filled = values.masked_fill(~mask, float("inf"))
-    ordered, _ = filled.sort(dim=-1)
-    count = mask.sum(dim=-1)
-    index = torch.round(q * (count - 1).clamp(min=0).to(values.dtype)).long()
-    out = ordered.gather(-1, index.unsqueeze(-1)).squeeze(-1)
-    return torch.where(count > 0, out, torch.zeros_like(out))
+    qs = torch.tensor([q] if isinstance(q, int | float) else list(q), dtype=values.dtype, device=values.device)
+    ordered, _ = values.masked_fill(~mask, float("inf")).sort(dim=-1)
+    count = mask.sum(dim=-1, keepdim=True)
+    index = torch.round(qs * (count - 1).clamp(min=0).to(values.dtype)).long()
+    out = ordered.gather(-1, index)
+    out = torch.where(count > 0, out, torch.zeros_like(out))
+    return out.squeeze(-1) if isinstance(q, int | float) else out
 
 
 def concentration_percentiles(
@@ -113,8 +117,7 @@ def concentration_percentiles(
     Shape:
         concentrations ``(B,2,N)``, mask ``(B,N)`` -> ``(B,2)``.
     """
-    q = percentile / 100.0
-    return torch.stack([masked_quantile(c, mask, q) for c in concentrations.unbind(1)], -1)
+    return masked_quantile(concentrations, mask.unsqueeze(1).expand_as(concentrations), percentile / 100.0)
 
 
 def masked_covariance(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -200,8 +203,7 @@ def macenko_stain_matrix(
     plane = torch.stack([main, second], dim=-1)
     projected = pixels @ plane
     phi = torch.atan2(projected[..., 1], projected[..., 0])
-    phi_lo = masked_quantile(phi, mask, alpha / 100.0)
-    phi_hi = masked_quantile(phi, mask, 1.0 - alpha / 100.0)
+    phi_lo, phi_hi = masked_quantile(phi, mask, (alpha / 100.0, 1.0 - alpha / 100.0)).unbind(-1)
     v_lo = plane @ torch.stack([torch.cos(phi_lo), torch.sin(phi_lo)], dim=-1).unsqueeze(-1)
     v_hi = plane @ torch.stack([torch.cos(phi_hi), torch.sin(phi_hi)], dim=-1).unsqueeze(-1)
     stains = order_stains(v_lo.squeeze(-1), v_hi.squeeze(-1))
@@ -325,8 +327,9 @@ def apply_od_map(rgb: torch.Tensor, matrix: torch.Tensor, io: float = 240.0) -> 
     Shape:
         rgb ``(B,3,H,W)``, matrix ``(B,3,3)`` -> ``(B,3,H,W)``.
     """
-    od = rgb_to_od(rgb, io)
-    return od_to_rgb(torch.einsum("bij,bjhw->bihw", matrix, od), io)
+    b, _, h, w = rgb.shape
+    od = rgb_to_od(rgb, io).reshape(b, 3, h * w)
+    return od_to_rgb(torch.bmm(matrix.to(od), od), io).reshape(b, 3, h, w)
 
 
 def lab_statistics(

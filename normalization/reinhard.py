@@ -6,8 +6,14 @@ from typing import Any
 
 import torch
 
-from normalization.base import StainNormalizer
+from normalization.base import StainNormalizer, TissueSample
 from normalization.functional import lab_statistics, reinhard_transfer
+
+
+def _sample_lab_statistics(sample: TissueSample, tissue_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """LAB mean and std ``(B,3)`` of the sampled pixels (tissue only, or all)."""
+    pixels = sample.rgb.transpose(1, 2).unsqueeze(-1)  # (B,3,N,1)
+    return lab_statistics(pixels, sample.mask.unsqueeze(-1) if tissue_only else None)
 
 
 class ReinhardNormalizer(StainNormalizer):
@@ -15,7 +21,9 @@ class ReinhardNormalizer(StainNormalizer):
 
     Statistics are taken over tissue pixels only (any channel's OD at least ``beta``, mean OD at
     most ``od_max``), so a tile's share of white background does not shift its colours; this is
-    the one intentional difference from torchstain, which uses every pixel.
+    the one intentional difference from torchstain, which uses every pixel (``tissue_only=False``
+    reproduces it). Reinhard has no stain matrix to borrow, so under ``on_invalid="reference"``
+    invalid tiles pass through as under ``"passthrough"``.
 
     Args:
         tissue_only: compute statistics on tissue pixels (default) or on all pixels.
@@ -37,26 +45,18 @@ class ReinhardNormalizer(StainNormalizer):
         self.register_buffer("target_mean", torch.zeros(3))
         self.register_buffer("target_std", torch.ones(3))
 
-    def _tissue_mask(self, od: torch.Tensor) -> torch.Tensor:
-        stained = (od >= self.beta).any(dim=-3)
-        return stained & (od.mean(dim=-3) <= self.od_max)
+    def _tissue_mask(self, od_pixels: torch.Tensor) -> torch.Tensor:
+        stained = (od_pixels >= self.beta).any(dim=-1)
+        return stained & (od_pixels.mean(dim=-1) <= self.od_max)
 
-    def _fit_target(self, rgb: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
-        pixels = torch.cat([x.flatten(2) for x in rgb], -1).unsqueeze(-1)  # (1,3,N,1)
-        mask = torch.cat([m.flatten(1) for m in masks], -1).unsqueeze(-1)  # (1,N,1)
-        mean, std = lab_statistics(pixels, mask if self.tissue_only else None)
+    def _fit_target(self, sample: TissueSample) -> None:
+        mean, std = _sample_lab_statistics(sample, self.tissue_only)
         self.target_mean.copy_(mean[0])
         self.target_std.copy_(std[0])
 
-    def _normalize(
-        self, rgb: torch.Tensor, od: torch.Tensor, mask: torch.Tensor, enough: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
         b = rgb.shape[0]
-        mean, std = lab_statistics(rgb, mask if self.tissue_only else None)
-        valid = enough & (std > self.min_std).any(-1)
-        # An invalid tile is mapped onto itself under either tolerant policy: Reinhard has no
-        # stain matrix to borrow, so "reference" and "passthrough" coincide.
-        out = reinhard_transfer(
-            rgb, mean, std, self.target_mean.to(rgb).expand(b, 3), self.target_std.to(rgb).expand(b, 3)
-        )
-        return torch.where(valid[:, None, None, None], out, rgb), valid
+        mean, std = _sample_lab_statistics(sample, self.tissue_only)
+        valid = sample.enough & (std > self.min_std).any(-1)
+        target_mean, target_std = self.target_mean.to(rgb).expand(b, 3), self.target_std.to(rgb).expand(b, 3)
+        return reinhard_transfer(rgb, mean, std, target_mean, target_std), valid

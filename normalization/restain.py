@@ -67,8 +67,8 @@ def separate_stains(rgb: torch.Tensor, io: float = 240.0) -> tuple[torch.Tensor,
         rgb ``(B,3,H,W)`` -> concentrations ``(B,2,H,W)``, residual ``(B,3,H,W)``.
     """
     od = rgb_to_od(rgb, io)
-    pixels, pmask = sample_pixels(od, tissue_mask_od(od))
-    stains, _ = macenko_stain_matrix(pixels, pmask)
+    pixels = sample_pixels(od)
+    stains, _ = macenko_stain_matrix(pixels, tissue_mask_od(pixels, dim=-1))
     conc = concentrations_lstsq(od, stains).clamp(min=0)
     return conc, od - render_od(conc, stains)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from normalization.base import StainNormalizer
+from normalization.base import StainNormalizer, TissueSample
 from normalization.functional import (
     REFERENCE_MAX_CONCENTRATIONS,
     REFERENCE_STAINS,
@@ -15,7 +15,7 @@ from normalization.functional import (
     macenko_stain_matrix,
     od_to_rgb,
     render_od,
-    sample_pixels,
+    rgb_to_od,
     vahadane_stain_matrix,
 )
 
@@ -40,6 +40,7 @@ class VahadaneNormalizer(StainNormalizer):
     """
 
     method = "vahadane"
+    supports_reference = True
 
     def __init__(
         self, sparsity: float = 0.1, n_iter: int = 60, percentile: float = 99.0, **kwargs: Any
@@ -55,17 +56,15 @@ class VahadaneNormalizer(StainNormalizer):
         self.register_buffer("target_stains", REFERENCE_STAINS.clone())
         self.register_buffer("target_max_concentrations", REFERENCE_MAX_CONCENTRATIONS.clone())
 
-    def _estimate(
-        self, pixels: torch.Tensor, pmask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        init, valid = macenko_stain_matrix(pixels, pmask)
-        stains, valid_v = vahadane_stain_matrix(pixels, pmask, init, self.sparsity, self.n_iter)
-        conc = concentrations_nonneg(pixels.transpose(1, 2), stains)
-        maxc = concentration_percentiles(conc, pmask, self.percentile)
+    def _estimate(self, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        init, valid = macenko_stain_matrix(sample.od, sample.mask)
+        stains, valid_v = vahadane_stain_matrix(sample.od, sample.mask, init, self.sparsity, self.n_iter)
+        conc = concentrations_nonneg(sample.od.transpose(1, 2), stains)
+        maxc = concentration_percentiles(conc, sample.mask, self.percentile)
         return stains, maxc, valid & valid_v & (maxc > 1e-3).all(-1)
 
-    def _fit_target(self, rgb: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
-        stains, maxc, valid = self._estimate(*self._pooled_pixels(rgb, masks))
+    def _fit_target(self, sample: TissueSample) -> None:
+        stains, maxc, valid = self._estimate(sample)
         if not bool(valid.all()):
             raise ValueError(
                 "target_images: expected H&E-stained tissue, got pixels whose stain vectors "
@@ -74,24 +73,17 @@ class VahadaneNormalizer(StainNormalizer):
         self.target_stains.copy_(stains[0])
         self.target_max_concentrations.copy_(maxc[0])
 
-    def _normalize(
-        self, rgb: torch.Tensor, od: torch.Tensor, mask: torch.Tensor, enough: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
         b = rgb.shape[0]
-        target = self.target_stains.to(od).expand(b, 3, 2)
-        target_max = self.target_max_concentrations.to(od).expand(b, 2)
-        pixels, pmask = sample_pixels(od, mask, self.max_pixels)
-        stains, maxc, valid = self._estimate(pixels, pmask)
-        valid = valid & enough
+        target = self.target_stains.to(rgb).expand(b, 3, 2)
+        target_max = self.target_max_concentrations.to(rgb).expand(b, 2)
+        stains, maxc, valid = self._estimate(sample)
+        valid = valid & sample.enough
         if self.on_invalid == "reference":
             stains = torch.where(valid[:, None, None], stains, target)
-            ref_conc = concentrations_nonneg(pixels.transpose(1, 2), target)
-            ref_max = concentration_percentiles(ref_conc, pmask, self.percentile)
-            ref_max = torch.where(ref_max > 1e-3, ref_max, target_max)
-            maxc = torch.where(valid[:, None], maxc, ref_max)
-        conc = concentrations_nonneg(od, stains)
+            ref_conc = concentrations_nonneg(sample.od.transpose(1, 2), target)
+            ref_max = concentration_percentiles(ref_conc, sample.mask, self.percentile)
+            maxc = torch.where(valid[:, None], maxc, torch.where(ref_max > 1e-3, ref_max, target_max))
+        conc = concentrations_nonneg(rgb_to_od(rgb, self.io), stains)
         conc = conc * (target_max / maxc.clamp(min=1e-3))[..., None, None]
-        out = od_to_rgb(render_od(conc, target), self.io)
-        if self.on_invalid != "reference":
-            out = torch.where(valid[:, None, None, None], out, rgb)
-        return out, valid
+        return od_to_rgb(render_od(conc, target), self.io), valid
