@@ -42,7 +42,9 @@ def rgb_to_od(rgb: torch.Tensor, io: float = 240.0) -> torch.Tensor:
         >>> rgb_to_od(torch.tensor([239 / 255]), io=240.0)
         tensor([-0.])
     """
-    return (rgb * 255.0).add_(1.0).div_(io).log_().neg_()
+    if torch.is_grad_enabled() and rgb.requires_grad:
+        return -torch.log((rgb * 255.0 + 1.0) / io)
+    return (rgb * 255.0).add_(1.0).div_(io).log_().neg_()  # same maths, no temporaries
 
 
 def od_to_rgb(od: torch.Tensor, io: float = 240.0) -> torch.Tensor:
@@ -55,6 +57,8 @@ def od_to_rgb(od: torch.Tensor, io: float = 240.0) -> torch.Tensor:
         >>> torch.allclose(od_to_rgb(rgb_to_od(x)), x, atol=1e-5)
         True
     """
+    if torch.is_grad_enabled() and od.requires_grad:
+        return ((io * torch.exp(-od) - 1.0) / 255.0).clamp(0.0, 1.0)
     return torch.exp(-od).mul_(io).sub_(1.0).div_(255.0).clamp_(0.0, 1.0)
 
 
