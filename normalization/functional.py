@@ -137,6 +137,27 @@ def masked_covariance(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return centred.transpose(1, 2) @ centred / (count - 1.0).unsqueeze(-1)
 
 
+def od_plane_validity(
+    eigenvalues: torch.Tensor, min_variance: float = 1e-4, max_residual: float = 0.25
+) -> torch.Tensor:
+    """Whether tissue OD has two-stain structure, from its covariance eigenvalues (ascending).
+
+    Invalid when the second eigenvalue is below ``min_variance`` (one colour) or when more than
+    ``max_residual`` of the variance lies off the main plane (noise, not two stains).
+
+    Shape:
+        eigenvalues ``(B,3)`` -> ``(B,)`` bool.
+    """
+    total = eigenvalues.clamp(min=0).sum(-1)
+    return (eigenvalues[..., 1] > min_variance) & (eigenvalues[..., 0].clamp(min=0) <= max_residual * total)
+
+
+def od_eigen(pixels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues ``(B,3)`` (ascending) and eigenvectors ``(B,3,3)`` of the masked OD covariance."""
+    cov = masked_covariance(pixels, mask)
+    return torch.linalg.eigh(cov + 1e-9 * torch.eye(3, dtype=cov.dtype, device=cov.device))
+
+
 def order_stains(
     first: torch.Tensor, second: torch.Tensor, reference: torch.Tensor = REFERENCE_STAINS
 ) -> torch.Tensor:
@@ -197,9 +218,7 @@ def macenko_stain_matrix(
         >>> stains.shape
         torch.Size([2, 3, 2])
     """
-    cov = masked_covariance(pixels, mask)
-    cov = cov + 1e-9 * torch.eye(3, dtype=cov.dtype, device=cov.device)
-    eigvals, eigvecs = torch.linalg.eigh(cov)
+    eigvals, eigvecs = od_eigen(pixels, mask)
     # eigh sorts ascending; columns 2 and 1 span the stain plane. Point the main axis into
     # positive OD so projected angles stay inside (-pi/2, pi/2) without wrapping.
     main = eigvecs[..., 2] * torch.where(eigvecs[..., 2].sum(-1, keepdim=True) < 0, -1.0, 1.0)
@@ -211,12 +230,7 @@ def macenko_stain_matrix(
     v_lo = plane @ torch.stack([torch.cos(phi_lo), torch.sin(phi_lo)], dim=-1).unsqueeze(-1)
     v_hi = plane @ torch.stack([torch.cos(phi_hi), torch.sin(phi_hi)], dim=-1).unsqueeze(-1)
     stains = order_stains(v_lo.squeeze(-1), v_hi.squeeze(-1))
-    total = eigvals.clamp(min=0).sum(-1)
-    valid = (
-        (eigvals[..., 1] > min_variance)
-        & (eigvals[..., 0].clamp(min=0) <= max_residual * total)
-        & stain_matrix_validity(stains)
-    )
+    valid = od_plane_validity(eigvals, min_variance, max_residual) & stain_matrix_validity(stains)
     fallback = REFERENCE_STAINS.to(stains).expand_as(stains)
     stains = F.normalize(torch.where(valid[:, None, None], stains, fallback), dim=1)
     return stains, valid

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from normalization.base import StainNormalizer, TissueSample
-from normalization.functional import lab_statistics, reinhard_transfer
+from normalization.functional import lab_statistics, od_eigen, od_plane_validity, reinhard_transfer
 
 
 def _sample_lab_statistics(sample: TissueSample, tissue_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +57,7 @@ class ReinhardNormalizer(StainNormalizer):
     def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
         b = rgb.shape[0]
         mean, std = _sample_lab_statistics(sample, self.tissue_only)
-        valid = sample.enough & (std > self.min_std).any(-1)
+        has_stains = od_plane_validity(od_eigen(sample.od, sample.mask)[0])  # rejects noise and flat tiles
+        valid = sample.enough & (std > self.min_std).any(-1) & has_stains
         target_mean, target_std = self.target_mean.to(rgb).expand(b, 3), self.target_std.to(rgb).expand(b, 3)
         return reinhard_transfer(rgb, mean, std, target_mean, target_std), valid
