@@ -59,7 +59,8 @@ def main() -> None:
     try:
         from torch_staintools.normalizer import NormalizerBuilder
 
-        for method in ("macenko", "reinhard", "vahadane"):
+        # torch-staintools' vahadane is left out: it ran for minutes on these 64 tiles without finishing.
+        for method in ("macenko", "reinhard"):
             tst = NormalizerBuilder.build(method, concentration_solver="ls")
             tst.fit(target[None].float() / 255)
             key = f"torch-staintools {method} (batched)"
