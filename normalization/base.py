@@ -134,6 +134,51 @@ class StainNormalizer(nn.Module):
         enough = (count >= min(self.min_tissue_pixels, n)) & (count >= self.min_tissue_fraction * n)
         return TissueSample(rgb_px, od_px, mask, enough)
 
+    def _pool(
+        self,
+        images_in: torch.Tensor | Sequence[torch.Tensor],
+        tissue_mask: torch.Tensor | Sequence[torch.Tensor] | None,
+        name: str,
+    ) -> TissueSample:
+        """Pool the estimation subsets of one or several images into a single-row sample."""
+        images = [images_in] if isinstance(images_in, torch.Tensor) else list(images_in)
+        if not images:
+            raise ValueError(f"{name}: expected at least one image, got an empty sequence")
+        masks_in: list[torch.Tensor | None]
+        if tissue_mask is None:
+            masks_in = [None] * len(images)
+        elif isinstance(tissue_mask, torch.Tensor):
+            masks_in = [tissue_mask] if len(images) == 1 else list(tissue_mask.unbind(0))
+        else:
+            masks_in = list(tissue_mask)
+        if len(masks_in) != len(images):
+            raise ValueError(
+                f"tissue_mask: expected one mask per image in {name} ({len(images)}), got {len(masks_in)}"
+            )
+        samples = []
+        for i, (image, user_mask) in enumerate(zip(images, masks_in, strict=True)):
+            rgb, _ = to_float_batch(image, f"{name}[{i}]")
+            rgb = rgb.to(self.fitted.device)
+            if user_mask is not None:
+                user_mask = torch.as_tensor(user_mask, device=rgb.device).bool()
+                if user_mask.shape[-2:] != rgb.shape[-2:]:
+                    raise ValueError(
+                        f"tissue_mask: expected spatial size {tuple(rgb.shape[-2:])}, got {tuple(user_mask.shape)}"
+                    )
+                user_mask = user_mask.expand(rgb.shape[0], *rgb.shape[-2:])
+            samples.append(self.sample_tissue(rgb, user_mask))
+        pooled = TissueSample(
+            *(torch.cat([getattr(x, f).flatten(0, 1)[None] for x in samples], 1) for f in ("rgb", "od", "mask")),
+            enough=torch.ones(1, dtype=torch.bool, device=self.fitted.device),
+        )
+        total = int(pooled.mask.sum())
+        if total < self.min_tissue_pixels:
+            raise ValueError(
+                f"{name}: expected at least {self.min_tissue_pixels} tissue pixels "
+                f"(OD in [{self.beta}, {self.od_max}]) among the sampled pixels, got {total}"
+            )
+        return pooled
+
     def fit(
         self,
         target_images: torch.Tensor | Sequence[torch.Tensor],
@@ -154,48 +199,50 @@ class StainNormalizer(nn.Module):
         Raises:
             ValueError: the targets hold too little tissue to estimate stains.
         """
-        images = [target_images] if isinstance(target_images, torch.Tensor) else list(target_images)
-        if not images:
-            raise ValueError("target_images: expected at least one image, got an empty sequence")
-        masks_in: list[torch.Tensor | None]
-        if tissue_mask is None:
-            masks_in = [None] * len(images)
-        elif isinstance(tissue_mask, torch.Tensor):
-            masks_in = [tissue_mask] if len(images) == 1 else list(tissue_mask.unbind(0))
-        else:
-            masks_in = list(tissue_mask)
-        if len(masks_in) != len(images):
-            raise ValueError(
-                f"tissue_mask: expected one mask per target image ({len(images)}), got {len(masks_in)}"
-            )
-        samples = []
-        for i, (image, user_mask) in enumerate(zip(images, masks_in, strict=True)):
-            rgb, _ = to_float_batch(image, f"target_images[{i}]")
-            rgb = rgb.to(self.fitted.device)
-            if user_mask is not None:
-                user_mask = torch.as_tensor(user_mask, device=rgb.device).bool()
-                if user_mask.shape[-2:] != rgb.shape[-2:]:
-                    raise ValueError(
-                        f"tissue_mask: expected spatial size {tuple(rgb.shape[-2:])}, got {tuple(user_mask.shape)}"
-                    )
-                user_mask = user_mask.expand(rgb.shape[0], *rgb.shape[-2:])
-            samples.append(self.sample_tissue(rgb, user_mask))
-        pooled = TissueSample(
-            *(torch.cat([getattr(x, f).flatten(0, 1)[None] for x in samples], 1) for f in ("rgb", "od", "mask")),
-            enough=torch.ones(1, dtype=torch.bool, device=self.fitted.device),
-        )
-        total = int(pooled.mask.sum())
-        if total < self.min_tissue_pixels:
-            raise ValueError(
-                f"target_images: expected at least {self.min_tissue_pixels} tissue pixels "
-                f"(OD in [{self.beta}, {self.od_max}]) among the sampled pixels, got {total}"
-            )
-        self._fit_target(pooled)
+        self._fit_target(self._pool(target_images, tissue_mask, "target_images"))
         self.fitted.fill_(True)
         return self
 
+    def estimate_source(
+        self,
+        source_images: torch.Tensor | Sequence[torch.Tensor],
+        tissue_mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Estimate one set of *source* stain statistics from pooled images (e.g. a whole slide).
+
+        Pass the result as ``forward(tiles, source=...)`` so every tile of a slide gets the same
+        map: no seams between tiles, whatever each tile holds.
+
+        Args:
+            source_images: ``(B,3,H,W)``, ``(3,H,W)`` or a list of such.
+            tissue_mask: optional boolean masks, as in :meth:`fit`.
+
+        Returns:
+            Method-specific tensors (e.g. ``stains`` ``(3,2)`` and ``max_concentrations`` ``(2,)``).
+
+        Raises:
+            ValueError: the images hold too little tissue, or stains cannot be estimated.
+        """
+        stats, valid = self._estimate_source(self._pool(source_images, tissue_mask, "source_images"))
+        if not bool(valid.all()):
+            raise ValueError(
+                "source_images: expected H&E-stained tissue, got pixels whose stain statistics "
+                "could not be estimated (single colour, noise or too little tissue)"
+            )
+        return {k: v[0] for k, v in stats.items()}
+
+    def _estimate_source(self, sample: TissueSample) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} does not support fixed source statistics")
+
+    def _apply_source(self, rgb: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not support fixed source statistics")
+
     def forward(
-        self, images: torch.Tensor, *, return_valid: bool = False
+        self,
+        images: torch.Tensor,
+        *,
+        source: dict[str, torch.Tensor] | None = None,
+        return_valid: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Normalize a batch of images to the fitted target.
 
@@ -203,6 +250,8 @@ class StainNormalizer(nn.Module):
 
         Args:
             images: uint8 or float RGB, ``(B,3,H,W)`` or ``(3,H,W)``; never modified.
+            source: fixed source statistics from :meth:`estimate_source`; every tile then gets
+                the same map (tiles are always valid). None estimates them per tile.
             return_valid: also return the per-tile validity mask.
 
         Returns:
@@ -220,7 +269,13 @@ class StainNormalizer(nn.Module):
             )
         rgb, restore = to_float_batch(images, "images")
         rgb = rgb.to(self.fitted.device)
-        out, valid = self._normalize(rgb, self.sample_tissue(rgb))
+        if source is not None:
+            b = rgb.shape[0]
+            stats = {k: v.to(rgb)[None].expand(b, *v.shape) for k, v in source.items()}
+            out = self._apply_source(rgb, stats)
+            valid = torch.ones(b, dtype=torch.bool, device=rgb.device)
+        else:
+            out, valid = self._normalize(rgb, self.sample_tissue(rgb))
         if not bool(valid.all()) and (self.on_invalid == "passthrough" or not self.supports_reference):
             out[~valid] = rgb[~valid]
         if self.on_invalid == "raise" and not bool(valid.all()):

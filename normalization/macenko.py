@@ -93,6 +93,18 @@ class MacenkoNormalizer(StainNormalizer):
             fallback = torch.eye(3, dtype=matrix.dtype, device=matrix.device).expand(b, 3, 3)
         return torch.where(valid[:, None, None], matrix, fallback), valid
 
+    def _estimate_source(self, sample: TissueSample) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        stains, valid = macenko_stain_matrix(sample.od, sample.mask, self.alpha)
+        maxc = self._max_concentrations(sample, stains)
+        return {"stains": stains, "max_concentrations": maxc}, valid & (maxc > 1e-3).all(-1)
+
+    def _apply_source(self, rgb: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        b = rgb.shape[0]
+        target = self.target_stains.to(rgb).expand(b, 3, 2)
+        target_max = self.target_max_concentrations.to(rgb).expand(b, 2)
+        matrix = stain_transfer_matrix(stats["stains"], stats["max_concentrations"], target, target_max)
+        return apply_od_map(rgb, matrix, self.io)
+
     def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
         matrix, valid = self.transfer_matrices(sample)
         return apply_od_map(rgb, matrix, self.io), valid

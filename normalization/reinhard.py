@@ -54,6 +54,15 @@ class ReinhardNormalizer(StainNormalizer):
         self.target_mean.copy_(mean[0])
         self.target_std.copy_(std[0])
 
+    def _estimate_source(self, sample: TissueSample) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        mean, std = _sample_lab_statistics(sample, self.tissue_only)
+        return {"mean": mean, "std": std}, (std > self.min_std).any(-1)
+
+    def _apply_source(self, rgb: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        b = rgb.shape[0]
+        target_mean, target_std = self.target_mean.to(rgb).expand(b, 3), self.target_std.to(rgb).expand(b, 3)
+        return reinhard_transfer(rgb, stats["mean"], stats["std"], target_mean, target_std)
+
     def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
         b = rgb.shape[0]
         mean, std = _sample_lab_statistics(sample, self.tissue_only)

@@ -73,6 +73,18 @@ class VahadaneNormalizer(StainNormalizer):
         self.target_stains.copy_(stains[0])
         self.target_max_concentrations.copy_(maxc[0])
 
+    def _estimate_source(self, sample: TissueSample) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        stains, maxc, valid = self._estimate(sample)
+        return {"stains": stains, "max_concentrations": maxc}, valid
+
+    def _apply_source(self, rgb: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        b = rgb.shape[0]
+        target = self.target_stains.to(rgb).expand(b, 3, 2)
+        target_max = self.target_max_concentrations.to(rgb).expand(b, 2)
+        conc = concentrations_nonneg(rgb_to_od(rgb, self.io), stats["stains"])
+        conc = conc * (target_max / stats["max_concentrations"].clamp(min=1e-3))[..., None, None]
+        return od_to_rgb(render_od(conc, target), self.io)
+
     def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
         b = rgb.shape[0]
         target = self.target_stains.to(rgb).expand(b, 3, 2)
