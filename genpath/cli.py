@@ -34,6 +34,7 @@ def _write_manifest(path: Path, records: list[dict]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".json")
     with os.fdopen(fd, "w") as handle:
         json.dump(records, handle, indent=1)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -49,14 +50,49 @@ def normalize(
     batch_size: Annotated[int | None, typer.Option(help="Tiles per batch.")] = None,
     output_format: Annotated[str | None, typer.Option("--format", help="png, jpg, tif or same.")] = None,
     on_invalid: Annotated[str | None, typer.Option(help="passthrough, reference or raise.")] = None,
+    tile_size: Annotated[int | None, typer.Option(help="Slides: output tile size in pixels.")] = None,
+    overlap: Annotated[int | None, typer.Option(help="Slides: window overlap in pixels (feathered).")] = None,
+    level: Annotated[int | None, typer.Option(help="Slides: level to normalize (0 = full resolution).")] = None,
+    mpp: Annotated[float | None, typer.Option(help="Slides: microns per pixel when metadata lacks it.")] = None,
+    compression: Annotated[str | None, typer.Option(help="Slides (tiff): jpeg or zlib.")] = None,
+    resume: Annotated[bool | None, typer.Option("--resume/--overwrite",
+                                                help="Slides: skip slides done with the same config, "
+                                                     "or redo everything.")] = None,
+    skip_errors: Annotated[bool | None, typer.Option("--skip-errors/--fail-fast",
+                                                     help="Slides: record a failed slide and go on.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Slides processed in parallel.")] = None,
+    executor: Annotated[str | None, typer.Option(help="Slides: local or dask.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address (default: a local cluster).")] = None,
 ) -> None:
-    """Normalize image tiles to a target stain; writes OUT/<name>.<format> and OUT/manifest.json."""
+    """Normalize image tiles or whole slides to a target stain.
+
+    Tiles (PNG/JPEG/TIFF images) go to OUT/<name>.<format> with OUT/manifest.json. Slides
+    (SVS, NDPI, MRXS, pyramidal TIFF, OME-TIFF, DICOM, ..., a folder, a glob, or a CSV with
+    ``slide,mpp`` columns) go to pyramidal OUT/<name>.tiff or OUT/<name>.ome.zarr with
+    OUT/manifest.csv, OUT/config.yaml and OUT/<name>.<ext>.qc/ images.
+    """
     cfg = load_config(config, NormalizeConfig, section="normalize") if config else NormalizeConfig()
     overrides = {"method": method, "target": target, "state": str(state) if state else None,
-                 "batch_size": batch_size, "output_format": output_format}
-    cfg = NormalizeConfig(**{**cfg.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+                 "batch_size": batch_size, "output_format": output_format, "mpp": mpp, "resume": resume,
+                 "skip_errors": skip_errors, "workers": workers, "executor": executor, "scheduler": scheduler}
+    slide_overrides = {"tile_size": tile_size, "overlap": overlap, "level": level, "compression": compression}
+    merged = {**cfg.__dict__, **{k: v for k, v in overrides.items() if v is not None}}
+    merged["slide"] = {**cfg.slide, **{k: v for k, v in slide_overrides.items() if v is not None}}
+    merged["options"] = dict(cfg.options)
     if on_invalid is not None:
-        cfg.options["on_invalid"] = on_invalid
+        merged["options"]["on_invalid"] = on_invalid
+    try:
+        cfg = NormalizeConfig(**merged)
+        if cfg.output_format is None:
+            cfg.output_format = "tiff" if _wants_slides(inputs) else "png"
+            cfg.__post_init__()
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from error
+    if not (cfg.state or cfg.target):
+        raise typer.BadParameter("expected --target FILE or --state FILE, got neither", param_hint="--target")
+    if cfg.slide_mode:
+        _normalize_slides(inputs, out, cfg, save_state)
+        return
 
     from normalization import StainNormalizer, build_normalizer
 
@@ -117,6 +153,75 @@ def normalize(
     )
     for record in failed:
         console.print(f"[red]failed[/red] {record['input']}: {record['error']}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def _wants_slides(inputs: list[str]) -> bool:
+    """Whether the inputs hold slides (then slide mode) rather than image tiles."""
+    import glob
+
+    from genpath.io.slide import PLAIN_SUFFIXES, SLIDE_SUFFIXES
+    from normalization.batch import is_slide_input
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir() and not path.name.lower().endswith(".zarr"):
+            candidates = [p for p in path.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES + PLAIN_SUFFIXES]
+        elif path.exists():
+            candidates = [path]
+        else:
+            candidates = [Path(m) for m in glob.glob(item, recursive=True)]
+        if any(is_slide_input(p) for p in candidates if p.suffix.lower() not in PLAIN_SUFFIXES):
+            return True
+    return False
+
+
+def _normalize_slides(inputs: list[str], out: Path, cfg: NormalizeConfig, save_state: Path | None) -> None:
+    from normalization.batch import _normalizer_for, config_hash, run_batch
+
+    try:
+        key = config_hash(cfg)
+        if save_state:
+            _normalizer_for(cfg, key).save(save_state)
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from error
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    counts = {"done": 0, "failed": 0, "resumed": 0}
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        slides = progress.add_task(f"slides ({cfg.method})", total=None)
+        tiles = progress.add_task("tiles", total=None, visible=False)
+
+        def on_start(job: dict, index: int) -> None:
+            progress.update(tiles, description=f"tiles of {Path(job['input']).name}", completed=0, total=None,
+                            visible=True)
+
+        def on_tiles(done: int, total: int) -> None:
+            progress.update(tiles, completed=done, total=total)
+
+        def on_slide(row: dict) -> None:
+            counts["resumed" if row.get("resumed") else row["status"]] += 1
+            progress.advance(slides)
+            if row["status"] == "failed":
+                console.print(f"[red]failed[/red] {row['input']}: {row['error']}")
+
+        try:
+            from normalization.batch import expand_slides
+
+            total = len(expand_slides(inputs, out, cfg.output_format or "tiff"))
+            progress.update(slides, total=total)
+            rows = run_batch(inputs, out, cfg, overwrite=cfg.resume is False, on_slide=on_slide, on_start=on_start,
+                             tile_progress=on_tiles)
+        except FileNotFoundError as error:
+            raise typer.BadParameter(str(error), param_hint="INPUTS") from error
+        except RuntimeError as error:
+            console.print(f"[red]stopped[/red]: {error}")
+            raise typer.Exit(code=1) from error
+    failed = sum(r["status"] == "failed" for r in rows)
+    console.print(
+        f"slides normalized {counts['done']}, already done (resumed) {counts['resumed']}, failed {failed}; "
+        f"outputs, manifest.csv and config.yaml in {out}"
+    )
     if failed:
         raise typer.Exit(code=1)
 

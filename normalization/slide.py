@@ -161,6 +161,7 @@ def normalize_slide(
     resume: bool = False,
     progress: Callable[[int, int], None] | None = None,
     device: str | torch.device = "cpu",
+    resume_key: str = "",
 ) -> SlideResult:
     """Normalize one slide into a pyramidal TIFF or OME-Zarr at ``output``.
 
@@ -173,6 +174,7 @@ def normalize_slide(
         options: tiling and output settings.
         mpp: microns per pixel override for slides without metadata.
         resume: OME-Zarr only: keep tiles an interrupted run already wrote.
+        resume_key: identifies the settings; tiles written under another key are not reused.
         progress: called as ``progress(done_windows, total_windows)``.
         device: where the normalizer runs.
 
@@ -183,7 +185,9 @@ def normalize_slide(
     start = time.perf_counter()
     reader = source if isinstance(source, SlideReader) else open_slide(source, mpp=mpp)
     try:
-        return _normalize_open_slide(reader, Path(output), normalizer, options, resume, progress, device, start)
+        return _normalize_open_slide(
+            reader, Path(output), normalizer, options, resume, progress, device, start, resume_key
+        )
     finally:
         if not isinstance(source, SlideReader):
             reader.close()
@@ -198,6 +202,7 @@ def _normalize_open_slide(
     progress: Callable[[int, int], None] | None,
     device: str | torch.device,
     start: float,
+    resume_key: str,
 ) -> SlideResult:
     level = options.level
     if not 0 <= level < reader.level_count:
@@ -256,7 +261,7 @@ def _normalize_open_slide(
         writer.write(strip for _, strip in strips)
     else:
         zwriter = OmeZarrWriter(output, width, height, options.tile_size, out_mpp, name=reader.path.name)
-        done = zwriter.open(resume=resume)
+        done = zwriter.open(resume=resume, key=resume_key)
         for row, strip in iter_strips(read, grid, process, is_foreground, skip=done, batch_size=options.batch_size,
                                       feather=options.feather, on_window=on_window):
             zwriter.write_strip(row, strip, skip=done)

@@ -43,6 +43,7 @@ def write_image(image: torch.Tensor, path: str | Path, quality: int = 95) -> Pat
     try:
         kwargs = {"quality": quality} if path.suffix.lower() in {".jpg", ".jpeg"} else {}
         Image.fromarray(array).save(tmp, **kwargs)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -234,13 +234,20 @@ class OmeZarrWriter:
         self.log = self.path / ".genpath_done"
         self._group = None
 
-    def open(self, resume: bool) -> set[tuple[int, int]]:
-        """Create the store (or reopen it when ``resume`` and compatible); returns finished tiles."""
+    def open(self, resume: bool, key: str = "") -> set[tuple[int, int]]:
+        """Create the store (or reopen it when ``resume`` and compatible); returns finished tiles.
+
+        Args:
+            resume: keep the tiles of an interrupted run if the store matches.
+            key: identifies the run's settings (e.g. a config hash); a partial store written
+                under another key is rebuilt rather than mixed.
+        """
         import zarr
 
         done = self.done_tiles() if resume else set()
+        key_file = self.path / ".genpath_key"
         compatible = False
-        if resume and self.log.exists():
+        if resume and self.log.exists() and key_file.exists() and key_file.read_text() == key:
             try:
                 group = zarr.open_group(str(self.path), mode="r+", zarr_format=2)
                 compatible = tuple(group["0"].shape) == (3, self.height, self.width) and tuple(
@@ -255,6 +262,7 @@ class OmeZarrWriter:
             group.create_array("0", shape=(3, self.height, self.width), chunks=(3, self.tile, self.tile),
                                dtype="uint8", fill_value=255)
             self.log.write_text("")
+            key_file.write_text(key)
         self._group = group
         return done
 
@@ -305,6 +313,7 @@ class OmeZarrWriter:
             cascade.push(np.moveaxis(np.asarray(base[:, y : y + self.tile, :]), 0, -1))
         group.attrs.update(self._metadata())
         self.log.unlink(missing_ok=True)
+        (self.path / ".genpath_key").unlink(missing_ok=True)
         return self.path
 
     def _metadata(self) -> dict:
