@@ -77,7 +77,7 @@ class NormalizeConfig:
         return self.output_format in ("tiff", "ome-zarr")
 
     def slide_options(self):  # noqa: ANN201 - SlideOptions (imported lazily)
-        """The slide block as validated :class:`normalization.slide.SlideOptions`."""
+        """Return the slide block as validated :class:`normalization.slide.SlideOptions`."""
         from normalization.slide import SlideOptions
 
         known = {f.name for f in dataclasses.fields(SlideOptions)} - {"output_format", "batch_size"}

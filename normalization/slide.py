@@ -46,7 +46,8 @@ class SlideOptions:
         compression: TIFF tile compression, ``"jpeg"`` or ``"zlib"``.
         quality: JPEG quality.
         aperio: write an Aperio-style TIFF description (QuPath shows the magnification).
-        min_tissue: a window with less tissue than this share (per the tissue mask) is background.
+        min_tissue: a window with less tissue than this share (per the tissue mask) is background
+            and keeps its pixels; 0 sends every window through the normalizer.
         tissue_mpp: resolution (µm/px) of tissue detection; ``tissue_downsample`` when mpp is unknown.
         tissue_downsample: downsample of tissue detection for slides without mpp.
         source: ``"slide"`` fits source statistics once per slide; ``"tile"`` per window.
@@ -229,11 +230,11 @@ def _normalize_open_slide(
         return reader.read_region((round(x * factor), round(y * factor)), level, (w, h))
 
     def is_foreground(row: int, col: int) -> bool:
+        if options.min_tissue <= 0:
+            return True
         x, y, w, h = grid.window(row, col)
         box = (round(max(x, 0) * factor), round(max(y, 0) * factor))
-        return tile_tissue_fraction(mask, mask_ds, box, (round(w * factor), round(h * factor))) >= max(
-            options.min_tissue, 1e-9
-        )
+        return tile_tissue_fraction(mask, mask_ds, box, (round(w * factor), round(h * factor))) >= options.min_tissue
 
     @torch.inference_mode()
     def process(windows: np.ndarray) -> np.ndarray:

@@ -58,3 +58,13 @@ def shared_data() -> Path:
     if root is None:
         pytest.skip("shared research data not present (set GENPATH_SHARED_DATA)")
     return root
+
+
+@pytest.fixture(scope="session")
+def patches():
+    """uint8 ``(8,192,192,3)`` real H&E patches (CRC-VAL-HE-7K, CC BY) to fill synthetic slides."""
+    import numpy as np
+    from PIL import Image
+
+    files = sorted((SAMPLES / "tiles" / "crc").glob("*.png"))
+    return np.stack([np.asarray(Image.open(p).convert("RGB"))[:192, :192] for p in files])

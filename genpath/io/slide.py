@@ -64,7 +64,7 @@ class SlideReader(ABC):
     def _metadata_mpp(self) -> tuple[float, float] | None:
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: readers without handles need nothing
         """Release the file handle."""
 
     # ------------------------------------------------------------------ derived
@@ -81,7 +81,7 @@ class SlideReader(ABC):
         return self.level_dimensions[0]
 
     def best_level_for_downsample(self, downsample: float) -> int:
-        """The highest-resolution level whose downsample is at most ``downsample`` (level 0 if none)."""
+        """Return the highest-resolution level whose downsample is at most ``downsample`` (level 0 if none)."""
         best = 0
         for level, factor in enumerate(self.level_downsamples):
             if factor <= downsample * (1 + 1e-6):
@@ -122,7 +122,7 @@ class SlideReader(ABC):
         return out
 
     def thumbnail(self, downsample: float, tile: int = 2048) -> np.ndarray:
-        """The slide at ``downsample`` (relative to level 0), built from the nearest finer level by area averaging.
+        """Read the slide at ``downsample`` (relative to level 0) from the nearest finer level, area-averaged.
 
         Memory is bounded by the output size plus one tile, whatever the slide size.
         """
@@ -148,7 +148,7 @@ class SlideReader(ABC):
         return out
 
     def properties(self) -> dict[str, Any]:
-        """A JSON-friendly summary: backend, vendor, dimensions, levels, downsamples, mpp."""
+        """Summarize as JSON-friendly data: backend, vendor, dimensions, levels, downsamples, mpp."""
         return {
             "path": str(self.path), "backend": self.backend, "vendor": self.vendor,
             "dimensions": list(self.dimensions), "level_dimensions": [list(d) for d in self.level_dimensions],

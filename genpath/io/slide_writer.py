@@ -99,7 +99,7 @@ def strip_tiles(strip: np.ndarray, tile: int) -> Iterator[np.ndarray]:
 
 
 def aperio_description(width: int, height: int, tile: int, mpp: float | None, magnification: float | None) -> str:
-    """An Aperio-style ImageDescription (OpenSlide's aperio driver and QuPath read MPP and AppMag)."""
+    """Build an Aperio-style ImageDescription (OpenSlide's aperio driver and QuPath read MPP and AppMag)."""
     fields = ["genpath"]
     if magnification:
         fields.append(f"AppMag = {magnification:g}")
@@ -160,7 +160,9 @@ class TiffPyramidWriter:
         if self.mpp:
             options.update(resolution=(1e4 / (self.mpp * factor),) * 2, resolutionunit="CENTIMETER")
         if level == 0 and self.aperio:
-            options["description"] = aperio_description(self.width, self.height, self.tile, self.mpp, self.magnification)
+            options["description"] = aperio_description(
+                self.width, self.height, self.tile, self.mpp, self.magnification
+            )
         return options
 
     def write(self, strips: Iterable[np.ndarray]) -> Path:
@@ -184,7 +186,9 @@ class TiffPyramidWriter:
         def level0_tiles() -> Iterator[np.ndarray]:
             for strip in strips:
                 if strip.shape[1] != self.width or strip.dtype != np.uint8:
-                    raise ValueError(f"strips: expected uint8 strips {self.width} wide, got {strip.shape} {strip.dtype}")
+                    raise ValueError(
+                        f"strips: expected uint8 strips {self.width} wide, got {strip.shape} {strip.dtype}"
+                    )
                 rows["seen"] += strip.shape[0]
                 cascade.push(strip)
                 yield from strip_tiles(strip, self.tile)
@@ -342,7 +346,7 @@ class OmeZarrWriter:
 
 
 def is_complete_ome_zarr(path: str | Path) -> bool:
-    """True when ``path`` is a finished OME-Zarr written by :class:`OmeZarrWriter`."""
+    """Tell whether ``path`` is a finished OME-Zarr written by :class:`OmeZarrWriter`."""
     path = Path(path)
     if not (path / ".zattrs").is_file() or (path / ".genpath_done").exists():
         return False

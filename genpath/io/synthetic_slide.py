@@ -34,7 +34,8 @@ def synthetic_strips(
     """Yield uint8 ``(h, width, 3)`` strips of a synthetic slide, top to bottom.
 
     Args:
-        width, height: slide size.
+        width: slide width.
+        height: slide height.
         patches: uint8 ``(N, p, p, 3)`` real tissue patches that fill the blobs.
         tile: strip height.
         tissue_share: approximate share of the slide covered by tissue.

@@ -5,8 +5,6 @@ from normalization.restain import RestainingSimulator, StainStyle, render_style,
 from tests.conftest import STAINS_A, concentrations, render
 
 
-
-
 def test_triplets_are_reproducible_and_consistent(real_tiles):
     tiles = real_tiles.float() / 255
     sim = RestainingSimulator()
