@@ -17,6 +17,7 @@ Windows judged background by ``is_foreground`` skip the processor and keep their
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,6 +108,7 @@ def iter_strips(
     batch_size: int = 16,
     feather: str = "cosine",
     on_window: Callable[[int, int, bool], None] | None = None,
+    prefetch: bool = True,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(row, strip)`` for every tile row: uint8 ``(h, width, 3)``, ``h ≤ tile``.
 
@@ -120,51 +122,80 @@ def iter_strips(
         batch_size: windows per ``process`` call.
         feather: ``"cosine"`` or ``"linear"`` blending ramps (overlap only).
         on_window: progress callback ``(row, col, processed)`` after each window.
+        prefetch: read the next row of windows in a background thread while this one is
+            processed (reading and decoding release the GIL).
     """
-    o, t, w = grid.overlap, grid.tile, grid.width
-    wy = feather_weights(grid.window_size, o, feather)
-    wx = wy
-    total_y = _total_weights(grid.height, grid.rows, t, o, wy)
-    total_x = _total_weights(w, grid.cols, t, o, wx)
-    carry: np.ndarray | None = None
-    pending: list[np.ndarray] = []  # finished rows not yet emitted (from emit_y on)
-    emit_row = 0
-    for row in range(grid.rows):
-        needed = [
-            col for col in range(grid.cols)
-            if not all(n in skip for n in grid.neighbourhood(row, col))
-        ]
-        outputs = _process_row(read, grid, row, needed, process, is_foreground, batch_size, on_window)
+    assembler = _StripAssembler(grid, feather)
+
+    def load(row: int) -> list[tuple[int, np.ndarray, bool]]:
+        cols = [c for c in range(grid.cols) if not all(n in skip for n in grid.neighbourhood(row, c))]
+        return [(col, read(*grid.window(row, col)), is_foreground(row, col)) for col in cols]
+
+    pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+    try:
+        upcoming = pool.submit(load, 0) if pool else None
+        for row in range(grid.rows):
+            loaded = upcoming.result() if upcoming else load(row)
+            if pool and row + 1 < grid.rows:
+                upcoming = pool.submit(load, row + 1)
+            yield from assembler.add_row(row, _process_row(loaded, row, process, batch_size, on_window))
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _StripAssembler:
+    """Paste (overlap 0) or feather-blend (overlap > 0) a row of window outputs into strips.
+
+    With overlap, an accumulator covers level rows ``[y_r − o, y_r + t + o)`` of the current
+    window row; after the row, ``[y_r − o, y_r + t − o)`` is final (the next row starts at
+    ``y_r + t − o``) and the bottom ``2o`` rows carry over.
+    """
+
+    def __init__(self, grid: TileGrid, feather: str) -> None:
+        self.grid = grid
+        o, t = grid.overlap, grid.tile
+        weights = feather_weights(grid.window_size, o, feather)
+        self.weight = weights[:, None, None] * weights[None, :, None]
+        self.total_y = _total_weights(grid.rows, t, o, weights)
+        self.total_x = _total_weights(grid.cols, t, o, weights)
+        self.carry: np.ndarray | None = None
+        self.pending: list[np.ndarray] = []
+        self.emit_row = 0
+
+    def add_row(self, row: int, outputs: dict[int, np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+        grid = self.grid
+        o, t, w = grid.overlap, grid.tile, grid.width
         if o == 0:
             strip = np.full((min(t, grid.height - row * t), w, 3), 255, np.uint8)
             for col, out in outputs.items():
                 x = col * t
                 strip[:, x : x + t] = out[: strip.shape[0], : min(t, w - x)]
             yield row, strip
-            continue
+            return
         acc = np.zeros((grid.window_size, grid.cols * t + 2 * o, 3), np.float32)
-        if carry is not None:
-            acc[: 2 * o] = carry
-        weight = wy[:, None, None] * wx[None, :, None]
+        if self.carry is not None:
+            acc[: 2 * o] = self.carry
         for col, out in outputs.items():
-            acc[:, col * t : col * t + grid.window_size] += weight * out.astype(np.float32)
+            acc[:, col * t : col * t + grid.window_size] += self.weight * out.astype(np.float32)
         y0 = row * t - o  # level y of acc[0]
         last = row == grid.rows - 1
         stop = grid.height if last else y0 + t  # rows [y0, stop) are final now
         lo = max(0, -y0)
-        finished = acc[lo : stop - y0] / (total_y[o + y0 + lo : o + stop, None, None] * total_x[None, :, None])
-        pending.append(np.clip(np.rint(finished[:, o : o + w]), 0, 255).astype(np.uint8))
-        carry = acc[t : t + 2 * o].copy()
-        rows_ready = np.concatenate(pending, axis=0) if len(pending) > 1 else pending[0]
-        while rows_ready.shape[0] >= t or (last and rows_ready.shape[0] > 0):
-            yield emit_row, rows_ready[:t]
-            rows_ready = rows_ready[t:]
-            emit_row += 1
-        pending = [rows_ready] if rows_ready.shape[0] else []
+        norm = self.total_y[o + y0 + lo : o + stop, None, None] * self.total_x[None, :, None]
+        finished = acc[lo : stop - y0] / norm
+        self.pending.append(np.clip(np.rint(finished[:, o : o + w]), 0, 255).astype(np.uint8))
+        self.carry = acc[t : t + 2 * o].copy()
+        ready = np.concatenate(self.pending, axis=0) if len(self.pending) > 1 else self.pending[0]
+        while ready.shape[0] >= t or (last and ready.shape[0] > 0):
+            yield self.emit_row, ready[:t]
+            ready = ready[t:]
+            self.emit_row += 1
+        self.pending = [ready] if ready.shape[0] else []
 
 
-def _total_weights(length: int, count: int, tile: int, overlap: int, weights: np.ndarray) -> np.ndarray:
-    """Sum of all windows' 1-D weights over ``[-overlap, length + overlap)``."""
+def _total_weights(count: int, tile: int, overlap: int, weights: np.ndarray) -> np.ndarray:
+    """Sum of all ``count`` windows' 1-D weights over ``[-overlap, count·tile + overlap)``."""
     total = np.zeros(count * tile + 2 * overlap, np.float64)
     for i in range(count):
         total[i * tile : i * tile + weights.shape[0]] += weights
@@ -172,12 +203,9 @@ def _total_weights(length: int, count: int, tile: int, overlap: int, weights: np
 
 
 def _process_row(
-    read: WindowReader,
-    grid: TileGrid,
+    loaded: list[tuple[int, np.ndarray, bool]],
     row: int,
-    cols: list[int],
     process: BatchProcessor,
-    is_foreground: Callable[[int, int], bool],
     batch_size: int,
     on_window: Callable[[int, int, bool], None] | None,
 ) -> dict[int, np.ndarray]:
@@ -196,9 +224,8 @@ def _process_row(
                 on_window(row, col, True)
         batch.clear()
 
-    for col in cols:
-        window = read(*grid.window(row, col))
-        if is_foreground(row, col):
+    for col, window, foreground in loaded:
+        if foreground:
             batch.append((col, window))
             if len(batch) >= batch_size:
                 flush()

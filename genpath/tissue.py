@@ -39,7 +39,7 @@ def detect_tissue(
         (np.True_, np.False_)
     """
     from scipy import ndimage
-    from skimage import color, filters, morphology
+    from skimage import filters, morphology
 
     array = np.asarray(rgb)
     if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
@@ -49,10 +49,11 @@ def detect_tissue(
     if array.dtype != np.uint8:
         array = np.clip(np.asarray(array, dtype=np.float64) * (255 if array.max() <= 1.0 else 1), 0, 255)
         array = array.astype(np.uint8)
-    saturation = color.rgb2hsv(array)[..., 1]
-    # Near-white pixels carry meaningless saturation (division by a tiny value); so do black ones.
-    value = array.max(-1)
-    saturation[(value < 20)] = 0.0
+    # HSV saturation, (max − min) / max, in float32 (rgb2hsv would allocate three float64 planes).
+    high = array.max(-1).astype(np.float32)
+    low = array.min(-1).astype(np.float32)
+    saturation = np.where(high > 0, (high - low) / np.maximum(high, 1.0), 0.0).astype(np.float32)
+    saturation[high < 20] = 0.0  # black pixels (pen, folds, scanner edges) carry meaningless saturation
     blurred = ndimage.median_filter(saturation, size=median_size) if median_size > 1 else saturation
     try:
         threshold = float(filters.threshold_otsu(blurred))

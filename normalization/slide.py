@@ -50,7 +50,14 @@ class SlideOptions:
             and keeps its pixels; 0 sends every window through the normalizer.
         tissue_mpp: resolution (µm/px) of tissue detection; ``tissue_downsample`` when mpp is unknown.
         tissue_downsample: downsample of tissue detection for slides without mpp.
+        tissue_max_size: longest side of the tissue mask (caps memory on huge slides).
+        max_batch_pixels: windows per normalizer call are also capped so that a batch holds
+            at most this many pixels (bounded memory whatever the tile size).
         source: ``"slide"`` fits source statistics once per slide; ``"tile"`` per window.
+        fit_on: where the slide's statistics come from: ``"windows"`` (tissue windows sampled at
+            the working resolution, default) or ``"thumbnail"`` (tissue pixels of the
+            low-resolution tissue-detection image: cheaper, but downsampling averages nuclei
+            with stroma, which lowers the stain percentiles).
         fit_windows: tissue windows sampled to fit the slide's statistics.
         fit_window_size: their size in pixels.
         feather: blending ramp, ``"cosine"`` or ``"linear"``.
@@ -69,7 +76,10 @@ class SlideOptions:
     min_tissue: float = 0.01
     tissue_mpp: float = 8.0
     tissue_downsample: float = 16.0
+    tissue_max_size: int = 2048
+    max_batch_pixels: int = 2**21
     source: Literal["slide", "tile"] = "slide"
+    fit_on: Literal["windows", "thumbnail"] = "windows"
     fit_windows: int = 32
     fit_window_size: int = 256
     feather: str = "cosine"
@@ -83,6 +93,8 @@ class SlideOptions:
             raise ValueError(f"tile_size: expected a multiple of 16, at least 64, got {self.tile_size}")
         if not 0 <= self.overlap <= self.tile_size // 2:
             raise ValueError(f"overlap: expected 0..tile_size/2 ({self.tile_size // 2}), got {self.overlap}")
+        if self.fit_on not in ("windows", "thumbnail"):
+            raise ValueError(f"fit_on: expected 'windows' or 'thumbnail', got {self.fit_on!r}")
         if self.source not in ("slide", "tile"):
             raise ValueError(f"source: expected 'slide' or 'tile', got {self.source!r}")
         if not 0.0 <= self.min_tissue <= 1.0:
@@ -113,7 +125,9 @@ def tissue_downsample(reader: SlideReader, options: SlideOptions) -> float:
         factor = options.tissue_mpp / reader.mpp[0]
     else:
         factor = options.tissue_downsample
-    return float(max(1.0, min(factor, max(reader.dimensions) / 64)))
+    longest = max(reader.dimensions)
+    factor = max(factor, longest / options.tissue_max_size)  # bounded mask memory on huge slides
+    return float(max(1.0, min(factor, longest / 64)))
 
 
 def _to_tensor(windows: np.ndarray) -> torch.Tensor:
@@ -221,10 +235,17 @@ def _normalize_open_slide(
     # 2. per-slide statistics
     stats = None
     if options.source == "slide" and hasattr(normalizer, "estimate_source"):
-        stats = slide_source_statistics(reader, normalizer, mask, mask_ds, level, options)
+        if options.fit_on == "thumbnail" and mask.any():
+            try:
+                stats = normalizer.estimate_source(_to_tensor(thumbnail[None])[0], torch.from_numpy(mask))
+            except ValueError:
+                stats = None
+        else:
+            stats = slide_source_statistics(reader, normalizer, mask, mask_ds, level, options)
 
     # 3. stream
     grid = TileGrid(width, height, options.tile_size, options.overlap)
+    batch_size = max(1, min(options.batch_size, options.max_batch_pixels // grid.window_size**2))
 
     def read(x: int, y: int, w: int, h: int) -> np.ndarray:
         return reader.read_region((round(x * factor), round(y * factor)), level, (w, h))
@@ -257,13 +278,13 @@ def _normalize_open_slide(
     if options.output_format == "tiff":
         writer = TiffPyramidWriter(output, width, height, options.tile_size, out_mpp, options.compression,
                                    options.quality, options.aperio)
-        strips = iter_strips(read, grid, process, is_foreground, batch_size=options.batch_size,
+        strips = iter_strips(read, grid, process, is_foreground, batch_size=batch_size,
                              feather=options.feather, on_window=on_window)
         writer.write(strip for _, strip in strips)
     else:
         zwriter = OmeZarrWriter(output, width, height, options.tile_size, out_mpp, name=reader.path.name)
         done = zwriter.open(resume=resume, key=resume_key)
-        for row, strip in iter_strips(read, grid, process, is_foreground, skip=done, batch_size=options.batch_size,
+        for row, strip in iter_strips(read, grid, process, is_foreground, skip=done, batch_size=batch_size,
                                       feather=options.feather, on_window=on_window):
             zwriter.write_strip(row, strip, skip=done)
         zwriter.finish()

@@ -121,7 +121,7 @@ class SlideReader(ABC):
                 out[y : y + th, x : x + tw] = self.read_region((round(x * factor), round(y * factor)), level, (tw, th))
         return out
 
-    def thumbnail(self, downsample: float, tile: int = 2048) -> np.ndarray:
+    def thumbnail(self, downsample: float, tile: int = 1024) -> np.ndarray:
         """Read the slide at ``downsample`` (relative to level 0) from the nearest finer level, area-averaged.
 
         Memory is bounded by the output size plus one tile, whatever the slide size.

@@ -139,3 +139,55 @@ def test_dask_executor_with_local_cluster(tmp_path, slides):
     for r_dask, r_local in zip(rows, local, strict=True):
         with open_slide(r_dask["output"]) as a, open_slide(r_local["output"]) as b:
             assert (a.read_region((0, 0), 0, a.dimensions) == b.read_region((0, 0), 0, b.dimensions)).all()
+
+
+def test_shipped_slide_config_loads_and_runs(tmp_path, slides):
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "normalize_slides.yaml", NormalizeConfig, section="normalize")
+    assert cfg.slide_mode and cfg.slide_options().tile_size == 512
+    (slides / "corrupt.svs").unlink()
+    result = cli(slides, "--config", ROOT / "configs" / "normalize_slides.yaml", "--out", tmp_path / "o",
+                 "--target", TARGET)
+    assert result.exit_code == 0, result.output
+    with pytest.raises(ValueError, match="slide: unknown keys"):
+        NormalizeConfig(output_format="tiff", slide={"tile": 3})
+
+
+def test_kill_9_mid_slide_then_rerun(tmp_path, patches):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    write_synthetic_slide(folder / "big.svs", 4096, 4096, patches, kind="svs", tile=256, tissue_share=0.6)
+    out = tmp_path / "out"
+    exe = str(Path(sys.executable).parent / "genpath")
+    args = [exe, "normalize", str(folder), "--target", TARGET, "--out", str(out), "--tile-size", "256"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = out / ".big.tiff.partial"
+    deadline = time.time() + 60
+    while not (partial.exists() and partial.stat().st_size > 100_000) and time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (out / "big.tiff").exists()  # a partial file is never mistaken for a finished one
+    rerun = subprocess.run(args, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert manifest(out)["big.svs"]["status"] == "done" and not partial.exists()
+    assert openslide.OpenSlide(str(out / "big.tiff")).dimensions == (4096, 4096)
+    assert killed, "the run finished before it could be killed; the interruption was not exercised"
+
+
+def test_local_process_workers(tmp_path, slides):
+    (slides / "corrupt.svs").unlink()
+    cfg = NormalizeConfig(target=[TARGET], output_format="ome-zarr", workers=2, slide={"tile_size": 256, "qc": False})
+    rows = run_batch([slides], tmp_path / "o", cfg)
+    assert [r["status"] for r in rows] == ["done", "done"]

@@ -121,3 +121,11 @@ def test_estimate_source_matches_per_tile_estimate(real_tiles):
     blank = torch.full((3, 64, 64), 250, dtype=torch.uint8)
     with pytest.raises(ValueError, match="source_images"):
         norm.estimate_source(blank)
+
+
+def test_fit_on_thumbnail_option(tmp_path, slide_path, fitted):
+    options = SlideOptions(tile_size=256, fit_on="thumbnail", qc=False)
+    result = normalize_slide(slide_path, tmp_path / "t.tiff", fitted, options)
+    assert result.tissue_tiles > 0
+    with pytest.raises(ValueError, match="fit_on"):
+        SlideOptions(fit_on="everything")
