@@ -138,7 +138,10 @@ def iter_strips(
             loaded = upcoming.result() if upcoming else load(row)
             if pool and row + 1 < grid.rows:
                 upcoming = pool.submit(load, row + 1)
-            yield from assembler.add_row(row, _process_row(loaded, row, process, batch_size, on_window))
+            assembler.start_row(row)
+            _process_row(loaded, row, process, batch_size, on_window, assembler.add)
+            del loaded  # release this row's windows before the next row is read
+            yield from assembler.finish_row()
     finally:
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -163,21 +166,35 @@ class _StripAssembler:
         self.pending: list[np.ndarray] = []
         self.emit_row = 0
 
-    def add_row(self, row: int, outputs: dict[int, np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
-        grid = self.grid
+    def start_row(self, row: int) -> None:
+        """Begin window row ``row``: a white strip (overlap 0) or an accumulator (overlap > 0)."""
+        grid, o, t = self.grid, self.grid.overlap, self.grid.tile
+        self.row = row
+        if o == 0:
+            self.strip = np.full((min(t, grid.height - row * t), grid.width, 3), 255, np.uint8)
+            return
+        self.acc = np.zeros((grid.window_size, grid.cols * t + 2 * o, 3), np.float32)
+        if self.carry is not None:
+            self.acc[: 2 * o] = self.carry
+
+    def add(self, col: int, out: np.ndarray) -> None:
+        """Paste or blend the output of window ``(row, col)``."""
+        o, t, w = self.grid.overlap, self.grid.tile, self.grid.width
+        if o == 0:
+            x = col * t
+            self.strip[:, x : x + t] = out[: self.strip.shape[0], : min(t, w - x)]
+        else:
+            self.acc[:, col * t : col * t + self.grid.window_size] += self.weight * out.astype(np.float32)
+
+    def finish_row(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield the strips this row completed."""
+        grid, row = self.grid, self.row
         o, t, w = grid.overlap, grid.tile, grid.width
         if o == 0:
-            strip = np.full((min(t, grid.height - row * t), w, 3), 255, np.uint8)
-            for col, out in outputs.items():
-                x = col * t
-                strip[:, x : x + t] = out[: strip.shape[0], : min(t, w - x)]
+            strip, self.strip = self.strip, None
             yield row, strip
             return
-        acc = np.zeros((grid.window_size, grid.cols * t + 2 * o, 3), np.float32)
-        if self.carry is not None:
-            acc[: 2 * o] = self.carry
-        for col, out in outputs.items():
-            acc[:, col * t : col * t + grid.window_size] += self.weight * out.astype(np.float32)
+        acc, self.acc = self.acc, None
         y0 = row * t - o  # level y of acc[0]
         last = row == grid.rows - 1
         stop = grid.height if last else y0 + t  # rows [y0, stop) are final now
@@ -186,6 +203,7 @@ class _StripAssembler:
         finished = acc[lo : stop - y0] / norm
         self.pending.append(np.clip(np.rint(finished[:, o : o + w]), 0, 255).astype(np.uint8))
         self.carry = acc[t : t + 2 * o].copy()
+        del acc, finished
         ready = np.concatenate(self.pending, axis=0) if len(self.pending) > 1 else self.pending[0]
         while ready.shape[0] >= t or (last and ready.shape[0] > 0):
             yield self.emit_row, ready[:t]
@@ -208,8 +226,8 @@ def _process_row(
     process: BatchProcessor,
     batch_size: int,
     on_window: Callable[[int, int, bool], None] | None,
-) -> dict[int, np.ndarray]:
-    outputs: dict[int, np.ndarray] = {}
+    sink: Callable[[int, np.ndarray], None],
+) -> None:
     batch: list[tuple[int, np.ndarray]] = []
 
     def flush() -> None:
@@ -219,7 +237,7 @@ def _process_row(
         if result.shape[0] != len(batch) or result.shape[1:3] != batch[0][1].shape[:2]:
             raise ValueError(f"process: expected output shape {(len(batch), *batch[0][1].shape)}, got {result.shape}")
         for (col, _), out in zip(batch, result, strict=True):
-            outputs[col] = out
+            sink(col, out)
             if on_window:
                 on_window(row, col, True)
         batch.clear()
@@ -230,8 +248,7 @@ def _process_row(
             if len(batch) >= batch_size:
                 flush()
         else:
-            outputs[col] = window
+            sink(col, window)
             if on_window:
                 on_window(row, col, False)
     flush()
-    return outputs

@@ -197,6 +197,9 @@ def process_slide(
         "config_hash": key, "version": _version(),
     }
     try:
+        from genpath.memory import limit_heap_retention
+
+        limit_heap_retention()
         if Path(job["output"]).resolve() == Path(job["input"]).resolve():
             raise ValueError(f"out: writing {job['output']} would overwrite the input")
         if torch.get_num_threads() > max(1, (os.cpu_count() or 1) // max(1, config.workers)):
