@@ -157,6 +157,50 @@ def normalize(
         raise typer.Exit(code=1)
 
 
+train_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train genpath models (accelerate).")
+app.add_typer(train_app, name="train")
+TRAINERS = {"encoder": "genpath.training.encoder:train_encoder", "vae": "genpath.training.vae:train_vae"}
+
+
+@train_app.command("encoder")
+def train_encoder_command(
+    config: Annotated[Path, typer.Option(help="YAML with an 'encoder' section (configs/encoder_small.yaml).")],
+    max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Override train.output_dir.")] = None,
+) -> None:
+    """Train genpath's small SSL encoder (SimCLR with stain augmentations); resumes from the last checkpoint."""
+    _run_trainer("encoder", config, max_steps, output_dir)
+
+
+@train_app.command("vae")
+def train_vae_command(
+    config: Annotated[Path, typer.Option(help="YAML with a 'vae' section (configs/vae_small.yaml).")],
+    max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Override train.output_dir.")] = None,
+) -> None:
+    """Train the histology VAE (diffusers AutoencoderKL); resumes from the last checkpoint."""
+    _run_trainer("vae", config, max_steps, output_dir)
+
+
+def _run_trainer(kind: str, config: Path, max_steps: int | None, output_dir: Path | None) -> None:
+    import importlib
+
+    from genpath.training.configs import load_train_config
+
+    try:
+        cfg = load_train_config(str(config), kind)
+        if max_steps is not None:
+            cfg.train.max_steps = max_steps
+        if output_dir is not None:
+            cfg.train.output_dir = str(output_dir)
+        cfg.train.__post_init__()
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error), param_hint="--config") from error
+    module, name = TRAINERS[kind].split(":")
+    final = getattr(importlib.import_module(module), name)(cfg)
+    console.print(f"{kind}: saved {final} (log: {Path(cfg.train.output_dir) / 'log.jsonl'})")
+
+
 def _wants_slides(inputs: list[str]) -> bool:
     """Whether the inputs hold slides (then slide mode) rather than image tiles."""
     import glob

@@ -31,6 +31,7 @@ class SmallHistologyEncoder(ModelMixin, ConfigMixin):
         input_size: side of the images it was trained on.
         mean: normalization mean used in training.
         std: normalization std used in training.
+        stem_stride: stride of the first convolution (2 halves the cost of every later stage).
 
     Example:
         >>> model = SmallHistologyEncoder(widths=(16, 32), embed_dim=24)
@@ -46,9 +47,12 @@ class SmallHistologyEncoder(ModelMixin, ConfigMixin):
         input_size: int = 96,
         mean: tuple[float, float, float] = (0.70, 0.55, 0.70),
         std: tuple[float, float, float] = (0.15, 0.20, 0.15),
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.GroupNorm(8, widths[0]), nn.SiLU()]
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, widths[0], 3, stem_stride, 1, bias=False), nn.GroupNorm(8, widths[0]), nn.SiLU(),
+        ]
         cin = widths[0]
         for width in widths:
             layers.append(_Block(cin, width, 2))

@@ -1,0 +1,76 @@
+"""Run configs of ``genpath train``: YAML sections loaded into validated dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from genpath.training.loop import LoopSettings
+
+
+@dataclass
+class DataSettings:
+    """Where tiles come from: image folders/files (``roots``) or a zarr array of tiles (``zarr``).
+
+    ``holdout`` keeps a stable, name-hashed share of files out of training (for evaluation).
+    """
+
+    roots: list[str] = field(default_factory=list)
+    zarr: str | None = None
+    size: int = 96
+    crops_per_image: int = 8
+    holdout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.roots and not self.zarr:
+            raise ValueError("data: expected 'roots' (image folders) or 'zarr' (a tile array), got neither")
+        if self.size < 16 or self.size % 8:
+            raise ValueError(f"data.size: expected a multiple of 8, at least 16, got {self.size}")
+
+    def dataset(self, seed: int = 0):  # noqa: ANN201 - a torch Dataset
+        from genpath.training.data import TileFolderDataset, ZarrTileDataset
+
+        if self.zarr:
+            return ZarrTileDataset(self.zarr)
+        return TileFolderDataset(self.roots, self.size, self.crops_per_image, seed, holdout=self.holdout)
+
+
+@dataclass
+class TrainConfig:
+    """One ``genpath train`` run: ``data``, ``train`` (loop settings) and ``model`` (architecture kwargs).
+
+    Attributes:
+        data: tile source.
+        train: loop settings (steps, batch, learning rate, checkpoints, output folder).
+        model: keyword arguments of the model's own config (``register_to_config``).
+        options: trainer-specific settings (e.g. ``temperature`` for SimCLR, ``kl_weight`` for the VAE).
+    """
+
+    data: DataSettings
+    train: LoopSettings = field(default_factory=LoopSettings)
+    model: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        unknown = sorted(set(raw) - {"data", "train", "model", "options"})
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; expected data, train, model, options")
+        try:
+            data = DataSettings(**raw.get("data", {}))
+            train = LoopSettings(**raw.get("train", {}))
+        except TypeError as error:
+            raise ValueError(f"config: {error}") from error
+        return cls(data, train, dict(raw.get("model", {})), dict(raw.get("options", {})))
+
+
+def load_train_config(path: str, section: str) -> TrainConfig:
+    """Load section ``section`` (``encoder``, ``vae``, ...) of a YAML file."""
+    from pathlib import Path
+
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if section not in raw:
+        raise ValueError(f"config: expected a top-level '{section}' section in {path}, got {sorted(raw)}")
+    return TrainConfig.from_dict(raw[section])

@@ -1,0 +1,67 @@
+"""SimCLR training of genpath's small SSL encoder, with the project's stain transforms as views.
+
+Each batch gives two views per tile: random crop-and-resize, flips, 90° rotations, HED jitter
+and stain-matrix jitter (``augment``), brightness/contrast. The encoder plus a 2-layer projection
+head is trained with the NT-Xent loss; only the encoder is saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genpath.encoders.small_cnn import SmallHistologyEncoder
+from genpath.training.configs import TrainConfig
+from genpath.training.loop import train_loop
+
+
+def make_views(batch: torch.Tensor, size: int, strength: float = 1.0) -> torch.Tensor:
+    """Two stain/geometry-augmented views ``(2B,3,S,S)`` float of a uint8 batch."""
+    import kornia.augmentation as K
+
+    from augment import RandomHEDJitter, RandomStainJitter
+
+    geometry = K.AugmentationSequential(
+        K.RandomResizedCrop((size, size), scale=(0.5, 1.0)), K.RandomHorizontalFlip(), K.RandomVerticalFlip(),
+        K.RandomRotation90(times=(0, 3)),
+    )
+    colour = nn.Sequential(
+        RandomHEDJitter(scale=0.05 * strength, shift=0.05 * strength, p=0.8),
+        RandomStainJitter(p=0.5),
+        K.ColorJiggle(brightness=0.15 * strength, contrast=0.15 * strength, p=0.5),
+    )
+    x = batch.float() / 255.0
+    views = [colour(geometry(x)).clamp(0, 1) for _ in range(2)]
+    return torch.cat(views)
+
+
+def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over ``(2B,D)`` projections where rows ``i`` and ``i+B`` are positives."""
+    z = F.normalize(z, dim=1)
+    n = z.shape[0] // 2
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, targets)
+
+
+def train_encoder(config: TrainConfig) -> Path:
+    """Train the small SSL encoder; returns its ``save_pretrained`` folder."""
+    torch.manual_seed(config.train.seed)
+    size = config.data.size
+    model = SmallHistologyEncoder(**{"input_size": size, **config.model})
+    dim = model.config.embed_dim
+    head = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 128))
+    temperature = float(config.options.get("temperature", 0.2))
+    mean = torch.tensor(model.config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.config.std).view(1, 3, 1, 1)
+
+    def loss_fn(encoder: nn.Module, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        views = make_views(batch.cpu(), size).to(batch.device)
+        z = head(encoder((views - mean.to(views)) / std.to(views)))
+        return {"loss": nt_xent(z, temperature)}
+
+    return train_loop(config.train, model, config.data.dataset(config.train.seed), loss_fn, extra_modules=[head])
