@@ -159,7 +159,11 @@ def normalize(
 
 train_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train genpath models (accelerate).")
 app.add_typer(train_app, name="train")
-TRAINERS = {"encoder": "genpath.training.encoder:train_encoder", "vae": "genpath.training.vae:train_vae"}
+TRAINERS = {
+    "encoder": "genpath.training.encoder:train_encoder",
+    "vae": "genpath.training.vae:train_vae",
+    "ldm": "genpath.training.ldm:train_ldm",
+}
 
 
 @train_app.command("encoder")
@@ -180,6 +184,16 @@ def train_vae_command(
 ) -> None:
     """Train the histology VAE (diffusers AutoencoderKL); resumes from the last checkpoint."""
     _run_trainer("vae", config, max_steps, output_dir)
+
+
+@train_app.command("ldm")
+def train_ldm_command(
+    config: Annotated[Path, typer.Option(help="YAML with an 'ldm' section (configs/ldm_small.yaml).")],
+    max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Override train.output_dir.")] = None,
+) -> None:
+    """Train the embedding-conditioned latent diffusion model; saves an EmbeddingToImagePipeline folder."""
+    _run_trainer("ldm", config, max_steps, output_dir)
 
 
 def _run_trainer(kind: str, config: Path, max_steps: int | None, output_dir: Path | None) -> None:

@@ -95,3 +95,36 @@ def test_small_encoder_save_pretrained_round_trip(tmp_path):
     again = SmallHistologyEncoder.from_pretrained(tmp_path / "m")
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(model.eval()(x), again.eval()(x))
+
+
+def test_train_ldm_two_steps_gives_a_working_pipeline(tmp_path):
+    from genpath.pipelines import EmbeddingToImagePipeline
+
+    assert run("vae", tmp_path / "vae").exit_code == 0
+    assert run("encoder", tmp_path / "enc").exit_code == 0
+    config = tmp_path / "ldm.yaml"
+    config.write_text(f"""
+ldm:
+  data: {{roots: [{ROOT / 'samples' / 'tiles' / 'pcam'}], size: 32}}
+  train: {{output_dir: {tmp_path / 'ldm'}, max_steps: 2, batch_size: 4, checkpoint_every: 1, sample_every: 2}}
+  model:
+    block_out_channels: [16, 32]
+    down_block_types: [CrossAttnDownBlock2D, DownBlock2D]
+    up_block_types: [UpBlock2D, CrossAttnUpBlock2D]
+    cross_attention_dim: 16
+    attention_head_dim: 4
+    norm_num_groups: 8
+  options:
+    vae: {tmp_path / 'vae' / 'model'}
+    encoder: genpath-small
+    encoder_kwargs: {{path: {tmp_path / 'enc' / 'model'}}}
+    num_tokens: 2
+    projector_hidden: 32
+""")
+    result = CliRunner().invoke(app, ["train", "ldm", "--config", str(config)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ldm" / "samples" / "step-000002.png").is_file()
+    pipe = EmbeddingToImagePipeline.from_pretrained(tmp_path / "ldm" / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(torch.randn(1, 16), num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 32, 32)
