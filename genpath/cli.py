@@ -196,6 +196,39 @@ def train_ldm_command(
     _run_trainer("ldm", config, max_steps, output_dir)
 
 
+@app.command()
+def synth(
+    model: Annotated[Path, typer.Option(help="EmbeddingToImagePipeline folder (e.g. out/train/ldm_small/pipeline).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    from_images: Annotated[list[str] | None, typer.Option(help="Real images to make variations of.")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="Conditions as an (N,D) .npy file.")] = None,
+    n_per_condition: Annotated[int, typer.Option(help="Samples per condition.")] = 4,
+    output_format: Annotated[str, typer.Option("--format", help="zarr or png.")] = "zarr",
+    seed: Annotated[int, typer.Option(help="Base seed; sample i uses seed + i.")] = 0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 2.0,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    batch_size: Annotated[int, typer.Option(help="Samples per pipeline call.")] = 8,
+) -> None:
+    """Generate a synthetic dataset (images, embeddings, manifest.csv); an interrupted run resumes."""
+    from genpath.synth import SynthConfig, run_synth
+
+    try:
+        cfg = SynthConfig(model=str(model), out=str(out), from_images=list(from_images or []),
+                          embeddings=str(embeddings) if embeddings else None, n_per_condition=n_per_condition,
+                          output_format=output_format, seed=seed, guidance=guidance, steps=steps,
+                          batch_size=batch_size)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task("synth", total=None)
+        try:
+            rows = run_synth(cfg, progress=lambda done, total: progress.update(task, completed=done, total=total))
+        except (ValueError, FileNotFoundError) as error:
+            raise typer.BadParameter(str(error)) from error
+    console.print(f"{len(rows)} samples, manifest.csv and embeddings.npy in {out}")
+
+
 def _run_trainer(kind: str, config: Path, max_steps: int | None, output_dir: Path | None) -> None:
     import importlib
 

@@ -96,4 +96,18 @@ def train_ldm(config: TrainConfig) -> Path:
     trained = UNet2DConditionModel.from_pretrained(final)
     out = Path(config.train.output_dir) / "pipeline"
     pipeline_from(trained).save_pretrained(str(out))
+    save_encoder_reference(out, options["encoder"], options.get("encoder_kwargs", {}))
     return out
+
+
+def save_encoder_reference(pipeline_dir: str | Path, name: str, kwargs: dict[str, Any]) -> Path:
+    """Record which registered encoder conditions a pipeline (``encoder.json``), so ``synth`` can embed images.
+
+    Paths in ``kwargs`` are stored relative to the pipeline folder when they lie inside the project.
+    """
+    import json
+
+    path = Path(pipeline_dir) / "encoder.json"
+    path.write_text(json.dumps({"name": name, "kwargs": {k: str(v) if isinstance(v, Path) else v
+                                                         for k, v in kwargs.items()}}, indent=1))
+    return path
