@@ -67,7 +67,7 @@ def load_pipeline(model: str | Path):  # noqa: ANN201 - EmbeddingToImagePipeline
 
 
 def pipeline_encoder(model: str | Path):  # noqa: ANN201 - ImageEncoder
-    """The encoder recorded in ``encoder.json`` (relative paths resolve against the pipeline folder)."""
+    """Create the encoder recorded in ``encoder.json`` (relative paths resolve against the pipeline folder)."""
     from genpath.encoders import create_encoder
 
     folder = Path(model)
