@@ -68,3 +68,29 @@ def test_bad_inputs_fail_before_compute(pipe):
         pipe(torch.randn(1, 12), height=15, width=16)
     with pytest.raises(ValueError, match="output_type"):
         pipe(torch.randn(1, 12), output_type="gif")
+
+
+def test_large_image_shifted_windows_cost_and_layout(pipe):
+    from genpath.pipelines.large_image import generate_large_image, seam_score
+
+    grid = torch.randn(3, 2, 12, generator=torch.Generator().manual_seed(4))
+    shifted = generate_large_image(pipe, grid, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert shifted.images.shape == (1, 3, 48, 32)
+    assert shifted.cost_ratio == 1.0  # every latent pixel once per step
+    again = generate_large_image(pipe, grid, num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shifted.images, again.images)
+    overlap = generate_large_image(pipe, grid, num_inference_steps=3, mode="overlap", overlap=4,
+                                   generator=torch.Generator().manual_seed(0))
+    assert overlap.cost_ratio > 1.0
+    assert seam_score(shifted.images, 16) > 0
+    with pytest.raises(ValueError, match="embedding_grid"):
+        generate_large_image(pipe, torch.randn(4, 12))
+
+
+def test_seam_score_detects_a_step():
+    flat = torch.rand(3, 64, 64) * 0.05 + 0.5
+    stepped = flat.clone()
+    stepped[:, :, 32:] += 0.3
+    from genpath.pipelines.large_image import seam_score
+
+    assert seam_score(stepped, 32) > 5 * seam_score(flat, 32)

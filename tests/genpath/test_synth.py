@@ -71,3 +71,14 @@ def test_synth_bad_input(tmp_path, model_dir):
         SynthConfig(model=str(model_dir), out=str(tmp_path / "o"))
     with pytest.raises(FileNotFoundError, match="model"):
         run_synth(SynthConfig(model=str(tmp_path), out=str(tmp_path / "o"), embeddings=str(bad)))
+
+
+def test_synth_large_from_region(tmp_path, model_dir):
+    import json
+
+    region = sorted((SAMPLES / "tiles" / "crc").iterdir())[0]
+    result = CliRunner().invoke(app, ["synth-large", "--model", str(model_dir), "--from-region", str(region),
+                                      "--steps", "2", "--out", str(tmp_path / "big.png")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "big.json").read_text())
+    assert report["cost_ratio"] == 1.0 and report["grid"] == [14, 14] and (tmp_path / "big.png").is_file()
