@@ -103,11 +103,17 @@ def train_ldm(config: TrainConfig) -> Path:
 def save_encoder_reference(pipeline_dir: str | Path, name: str, kwargs: dict[str, Any]) -> Path:
     """Record which registered encoder conditions a pipeline (``encoder.json``), so ``synth`` can embed images.
 
-    Paths in ``kwargs`` are stored relative to the pipeline folder when they lie inside the project.
+    Weight paths in ``kwargs`` are stored relative to the pipeline folder (resolved against it on load).
     """
     import json
+    import os
 
-    path = Path(pipeline_dir) / "encoder.json"
-    path.write_text(json.dumps({"name": name, "kwargs": {k: str(v) if isinstance(v, Path) else v
-                                                         for k, v in kwargs.items()}}, indent=1))
+    folder = Path(pipeline_dir)
+    stored = {}
+    for key, value in kwargs.items():
+        if key in ("path", "checkpoint_path") and Path(value).exists():
+            value = os.path.relpath(Path(value).resolve(), folder.resolve())  # survives moving both together
+        stored[key] = str(value) if isinstance(value, Path) else value
+    path = folder / "encoder.json"
+    path.write_text(json.dumps({"name": name, "kwargs": stored}, indent=1))
     return path
