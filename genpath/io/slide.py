@@ -252,20 +252,7 @@ class TiffFileReader(SlideReader):
         return None
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        factor = self.level_downsamples[level]
-        x, y = int(round(location[0] / factor)), int(round(location[1] / factor))
-        w, h = size
-        index = tuple(
-            slice(y, y + h) if a == "Y" else slice(x, x + w) if a == "X" else slice(None) if a == "S" else 0
-            for a in self._axes
-        )
-        region = np.asarray(self._levels[level][index])
-        kept = [a for a in self._axes if a in "YXS"]
-        if "S" not in kept:
-            region = region[..., None]
-            kept.append("S")
-        region = np.moveaxis(region, [kept.index("Y"), kept.index("X"), kept.index("S")], [0, 1, 2])
-        return _to_rgb_uint8(region)
+        return _read_array_region(self._levels[level], self._axes, location, self.level_downsamples[level], size)
 
     def close(self) -> None:
         self._tif.close()
@@ -326,17 +313,7 @@ class OmeZarrReader(SlideReader):
         return None
 
     def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        factor = self.level_downsamples[level]
-        x, y = int(round(location[0] / factor)), int(round(location[1] / factor))
-        w, h = size
-        index = tuple(
-            slice(y, y + h) if a == "Y" else slice(x, x + w) if a == "X" else slice(None) if a == "S" else 0
-            for a in self._axes
-        )
-        region = np.asarray(self._levels[level][index])
-        kept = [a for a in self._axes if a in "YXS"]
-        region = np.moveaxis(region, [kept.index("Y"), kept.index("X"), kept.index("S")], [0, 1, 2])
-        return _to_rgb_uint8(region)
+        return _read_array_region(self._levels[level], self._axes, location, self.level_downsamples[level], size)
 
 
 def _is_ome_tiff(path: Path) -> bool:
@@ -347,6 +324,24 @@ def _is_ome_tiff(path: Path) -> bool:
             return bool(tif.is_ome)
     except Exception:  # noqa: BLE001 - not a TIFF tifffile can parse: let the backends decide
         return False
+
+
+def _read_array_region(
+    array, axes: str, location: tuple[int, int], factor: float, size: tuple[int, int]  # noqa: ANN001 - zarr array
+) -> np.ndarray:
+    """Read ``size=(w,h)`` at level-0 ``location`` from an array with ``axes`` (Y, X, optional S, others → 0)."""
+    x, y = int(round(location[0] / factor)), int(round(location[1] / factor))
+    w, h = size
+    index = tuple(
+        slice(y, y + h) if a == "Y" else slice(x, x + w) if a == "X" else slice(None) if a == "S" else 0 for a in axes
+    )
+    region = np.asarray(array[index])
+    kept = [a for a in axes if a in "YXS"]
+    if "S" not in kept:
+        region = region[..., None]
+        kept.append("S")
+    region = np.moveaxis(region, [kept.index("Y"), kept.index("X"), kept.index("S")], [0, 1, 2])
+    return _to_rgb_uint8(region)
 
 
 def _to_rgb_uint8(region: np.ndarray) -> np.ndarray:
