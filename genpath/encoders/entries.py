@@ -45,7 +45,7 @@ def genpath_small(path: str | Path | None = None, model=None) -> ImageEncoder:  
 
     if model is None:
         folder = _require_file(path, "path", "save_pretrained folder of SmallHistologyEncoder")
-        model = SmallHistologyEncoder.from_pretrained(str(folder))
+        model = SmallHistologyEncoder.from_pretrained(str(folder)).float()  # shipped weights are fp16
     return SmallEncoderWrapper(model)
 
 

@@ -34,6 +34,15 @@ def build_vae(**overrides: Any) -> AutoencoderKL:
     return AutoencoderKL(**{**SMALL_VAE, **overrides})
 
 
+def load_vae(path: str) -> AutoencoderKL:
+    """Load any diffusers ``AutoencoderKL`` folder in float32 (shipped checkpoints are stored as fp16)."""
+    from pathlib import Path
+
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"vae: expected a diffusers AutoencoderKL folder with config.json, got {path}")
+    return AutoencoderKL.from_pretrained(str(path), torch_dtype=torch.float32)
+
+
 def downsampling_factor(vae: AutoencoderKL) -> int:
     """Pixels per latent cell along each side."""
     return 2 ** (len(vae.config.block_out_channels) - 1)

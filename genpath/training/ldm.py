@@ -37,11 +37,11 @@ def train_ldm(config: TrainConfig) -> Path:
     Options: ``vae`` (folder), ``encoder`` (registry name), ``encoder_kwargs``, ``num_tokens``,
     ``projector_hidden``, ``cond_dropout``.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
     from genpath.encoders import create_encoder
     from genpath.models.conditioning import EmbeddingProjector
-    from genpath.models.vae import downsampling_factor, encode_tiled
+    from genpath.models.vae import downsampling_factor, encode_tiled, load_vae
     from genpath.pipelines import EmbeddingToImagePipeline
     from genpath.training.vae import save_grid
 
@@ -50,7 +50,7 @@ def train_ldm(config: TrainConfig) -> Path:
         if key not in options:
             raise ValueError(f"options.{key}: expected a value (VAE folder / encoder registry name), got none")
     torch.manual_seed(config.train.seed)
-    vae = AutoencoderKL.from_pretrained(options["vae"]).eval().requires_grad_(False)
+    vae = load_vae(options["vae"]).eval().requires_grad_(False)
     encoder = create_encoder(options["encoder"], **options.get("encoder_kwargs", {}))
     f = downsampling_factor(vae)
     if config.data.size % f:

@@ -128,3 +128,15 @@ ldm:
     pipe.set_progress_bar_config(disable=True)
     images = pipe(torch.randn(1, 16), num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 3, 32, 32)
+
+
+def test_fp16_export_loads_back_as_float32(tmp_path):
+    from genpath.training.export import export_fp16
+
+    model = SmallHistologyEncoder(widths=(8, 16), embed_dim=8)
+    model.save_pretrained(tmp_path / "m")
+    export_fp16(SmallHistologyEncoder, tmp_path / "m", tmp_path / "half")
+    enc = create_encoder("genpath-small", path=tmp_path / "half")
+    assert next(enc.parameters()).dtype == torch.float32
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(enc(x), create_encoder("genpath-small", model=model)(x), atol=2e-2, rtol=2e-2)
