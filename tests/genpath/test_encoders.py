@@ -102,3 +102,29 @@ def test_frechet_and_kid_known_answers():
         frechet_distance(a, a[:, :2])
     with pytest.raises(ValueError, match="finite"):
         frechet_distance(a, np.full((4, 3), np.nan))
+
+
+def test_shipped_small_encoder_is_invariant_to_its_training_views():
+    from PIL import Image
+
+    from augment import RandomHEDJitter
+    from tests.conftest import SAMPLES
+
+    if not (SAMPLES / "checkpoints" / "encoder_small" / "config.json").is_file():
+        pytest.skip("no shipped encoder checkpoint")
+    enc = create_encoder("genpath-small.samples")
+    files = sorted((SAMPLES / "tiles" / "pcam").glob("*.jpg"))
+    tiles = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1)
+                         for p in files])
+    torch.manual_seed(0)
+    views = RandomHEDJitter(scale=0.05, shift=0.05, p=1.0)(tiles.flip(-1))
+    a = torch.nn.functional.normalize(enc(tiles), dim=1)
+    b = torch.nn.functional.normalize(enc(views), dim=1)
+    assert a.shape == (16, 256) and torch.isfinite(a).all()
+    matched = int(((b @ a.T).argmax(1) == torch.arange(16)).sum())
+    untrained = create_encoder("genpath-small", model=SmallHistologyEncoder(**{
+        k: v for k, v in enc.model.config.items() if not k.startswith("_")}))
+    ua = torch.nn.functional.normalize(untrained(tiles), dim=1)
+    ub = torch.nn.functional.normalize(untrained(views), dim=1)
+    untrained_matched = int(((ub @ ua.T).argmax(1) == torch.arange(16)).sum())
+    assert matched >= 12 and matched >= untrained_matched, (matched, untrained_matched)
