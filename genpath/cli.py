@@ -159,41 +159,35 @@ def normalize(
 
 train_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train genpath models (accelerate).")
 app.add_typer(train_app, name="train")
-TRAINERS = {
-    "encoder": "genpath.training.encoder:train_encoder",
-    "vae": "genpath.training.vae:train_vae",
-    "ldm": "genpath.training.ldm:train_ldm",
+TRAINERS = {  # kind -> (trainer "module:function", example config, what it trains)
+    "encoder": ("genpath.training.encoder:train_encoder", "configs/encoder_small.yaml",
+                "Train genpath's small SSL encoder (SimCLR with stain augmentations)."),
+    "vae": ("genpath.training.vae:train_vae", "configs/vae_small.yaml",
+            "Train the histology VAE (diffusers AutoencoderKL)."),
+    "ldm": ("genpath.training.ldm:train_ldm", "configs/ldm_small.yaml",
+            "Train the embedding-conditioned latent diffusion model (saves an EmbeddingToImagePipeline)."),
 }
 
 
-@train_app.command("encoder")
-def train_encoder_command(
-    config: Annotated[Path, typer.Option(help="YAML with an 'encoder' section (configs/encoder_small.yaml).")],
-    max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Override train.output_dir.")] = None,
-) -> None:
-    """Train genpath's small SSL encoder (SimCLR with stain augmentations); resumes from the last checkpoint."""
-    _run_trainer("encoder", config, max_steps, output_dir)
+def _add_train_command(kind: str, example: str, summary: str) -> None:
+    """Register ``genpath train <kind>``: one command per trainer, all with the same options."""
+
+    def command(config: Path, max_steps: int | None = None, output_dir: Path | None = None) -> None:
+        _run_trainer(kind, config, max_steps, output_dir)
+
+    # real objects, not strings: the module's postponed annotations could not see ``kind`` here
+    command.__annotations__ = {
+        "config": Annotated[Path, typer.Option(help=f"YAML with a '{kind}' section ({example}).")],
+        "max_steps": Annotated[int | None, typer.Option(help="Override train.max_steps.")],
+        "output_dir": Annotated[Path | None, typer.Option(help="Override train.output_dir.")],
+        "return": None,
+    }
+    command.__doc__ = f"{summary} Resumes from the last checkpoint in train.output_dir."
+    train_app.command(kind)(command)
 
 
-@train_app.command("vae")
-def train_vae_command(
-    config: Annotated[Path, typer.Option(help="YAML with a 'vae' section (configs/vae_small.yaml).")],
-    max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Override train.output_dir.")] = None,
-) -> None:
-    """Train the histology VAE (diffusers AutoencoderKL); resumes from the last checkpoint."""
-    _run_trainer("vae", config, max_steps, output_dir)
-
-
-@train_app.command("ldm")
-def train_ldm_command(
-    config: Annotated[Path, typer.Option(help="YAML with an 'ldm' section (configs/ldm_small.yaml).")],
-    max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Override train.output_dir.")] = None,
-) -> None:
-    """Train the embedding-conditioned latent diffusion model; saves an EmbeddingToImagePipeline folder."""
-    _run_trainer("ldm", config, max_steps, output_dir)
+for _kind, (_, _example, _summary) in TRAINERS.items():
+    _add_train_command(_kind, _example, _summary)
 
 
 @app.command()
@@ -325,7 +319,7 @@ def _run_trainer(kind: str, config: Path, max_steps: int | None, output_dir: Pat
         cfg.train.__post_init__()
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error), param_hint="--config") from error
-    module, name = TRAINERS[kind].split(":")
+    module, name = TRAINERS[kind][0].split(":")
     final = getattr(importlib.import_module(module), name)(cfg)
     console.print(f"{kind}: saved {final} (log: {Path(cfg.train.output_dir) / 'log.jsonl'})")
 

@@ -61,7 +61,7 @@ def load_pipeline(model: str | Path):  # noqa: ANN201 - EmbeddingToImagePipeline
     folder = Path(model)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"model: expected an EmbeddingToImagePipeline folder (model_index.json), got {folder}")
-    pipe = EmbeddingToImagePipeline.from_pretrained(str(folder))
+    pipe = EmbeddingToImagePipeline.from_pretrained(str(folder), torch_dtype=torch.float32)  # shipped as fp16
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
