@@ -107,3 +107,173 @@ def lab_transfer(
     """
     mean, std = lab_statistics(rgb, mask)
     return reinhard_transfer(rgb, mean, std, lab_mean.to(rgb), lab_std.to(rgb).clamp(min=1e-3))
+
+
+# -- the HistAug transform family (colour, morphology, blur, geometry) ---------------------------
+
+
+def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    value = value.to(like.device) if value.dtype == torch.bool else value.to(like)
+    return value.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def adjust_brightness(rgb: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Multiply RGB by ``factor`` per sample (torchvision's brightness), clamped to [0, 1].
+
+    Shape:
+        rgb ``(B,3,H,W)``, factor ``(B,)`` -> ``(B,3,H,W)``.
+    """
+    return (rgb * _per_sample(factor, rgb)).clamp(0.0, 1.0)
+
+
+def adjust_contrast(rgb: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with each image's grey mean (torchvision's contrast; kornia's implementation)."""
+    from kornia.enhance import adjust_contrast_with_mean_subtraction
+
+    return adjust_contrast_with_mean_subtraction(rgb, factor.to(rgb))
+
+
+def adjust_saturation(rgb: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Scale HSV saturation per sample (kornia)."""
+    from kornia.enhance import adjust_saturation as _adjust
+
+    return _adjust(rgb, factor.to(rgb)).clamp(0.0, 1.0)
+
+
+def adjust_hue(rgb: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``turns`` of a full circle per sample (kornia works in radians)."""
+    from kornia.enhance import adjust_hue as _adjust
+
+    return _adjust(rgb, turns.to(rgb) * 2 * torch.pi).clamp(0.0, 1.0)
+
+
+def adjust_gamma(rgb: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``rgb ** gamma`` per sample (kornia)."""
+    from kornia.enhance import adjust_gamma as _adjust
+
+    return _adjust(rgb, gamma.to(rgb))
+
+
+def _grouped(rgb: torch.Tensor, keys: torch.Tensor, fn) -> torch.Tensor:  # noqa: ANN001 - fn(subset, key)
+    """Apply ``fn(rgb[keys == k], k)`` for every distinct non-zero ``k``; zeros pass through."""
+    out = rgb.clone()
+    for k in keys.unique().tolist():
+        if k != 0:
+            idx = (keys == k).nonzero().flatten().to(rgb.device)
+            out[idx] = fn(rgb[idx], int(k))
+    return out
+
+
+def morphology(rgb: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Grey-scale erosion (``radius < 0``) or dilation (``> 0``) with a ``(2r+1)²`` square (kornia).
+
+    On brightfield H&E, erosion (a minimum filter) grows dark nuclei and dilation shrinks them.
+
+    Shape:
+        rgb ``(B,3,H,W)``, radius ``(B,)`` integer-valued -> ``(B,3,H,W)``.
+    """
+    from kornia.morphology import dilation, erosion
+
+    def apply(x: torch.Tensor, r: int) -> torch.Tensor:
+        kernel = torch.ones(2 * abs(r) + 1, 2 * abs(r) + 1, device=x.device, dtype=x.dtype)
+        return (dilation if r > 0 else erosion)(x, kernel, border_type="geodesic")
+
+    return _grouped(rgb, radius.round().long(), apply)
+
+
+def gaussian_blur(rgb: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur with a per-sample ``sigma`` in pixels (0 = unchanged; kornia, reflect border)."""
+    from kornia.filters import gaussian_blur2d
+
+    sigma = sigma.to(rgb)
+    active = sigma > 0
+    if not bool(active.any()):
+        return rgb.clone()
+    half = max(1, int(torch.ceil(3 * sigma.max())))
+    blurred = gaussian_blur2d(rgb, (2 * half + 1, 2 * half + 1), sigma.clamp(min=1e-3)[:, None].expand(-1, 2))
+    return torch.where(_per_sample(active, rgb), blurred, rgb)
+
+
+def dihedral(rgb: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """One of the 8 symmetries of the square: ``k % 4`` quarter turns, then a horizontal flip if ``k >= 4``.
+
+    Raises:
+        ValueError: non-square images with an odd number of quarter turns.
+    """
+    k = k.round().long()
+    if rgb.shape[-1] != rgb.shape[-2] and bool((k % 2 == 1).any()):
+        raise ValueError(f"dihedral: quarter turns need square images, got {tuple(rgb.shape[-2:])}")
+
+    def apply(x: torch.Tensor, v: int) -> torch.Tensor:
+        x = torch.rot90(x, v % 4, dims=(-2, -1))
+        return x.flip(-1) if v >= 4 else x
+
+    return _grouped(rgb, k, apply)
+
+
+def crop_resize(rgb: torch.Tensor, scale: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """Crop a square of side ``scale · min(H, W)`` at ``center`` (y, x in [0, 1] of the free room) and resize back.
+
+    Uses kornia's ``crop_and_resize`` (bilinear); ``scale == 1`` leaves a sample unchanged.
+
+    Shape:
+        rgb ``(B,3,H,W)``, scale ``(B,)``, center ``(B,2)`` -> ``(B,3,H,W)``.
+    """
+    from kornia.geometry.transform import crop_and_resize
+
+    h, w = rgb.shape[-2:]
+    scale, center = scale.to(rgb), center.to(rgb)
+    active = scale < 1
+    if not bool(active.any()):
+        return rgb.clone()
+    side = scale * min(h, w)
+    y0 = center[:, 0] * (h - side)
+    x0 = center[:, 1] * (w - side)
+    y1, x1 = y0 + side - 1, x0 + side - 1
+    boxes = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1), torch.stack([x1, y1], -1),
+                         torch.stack([x0, y1], -1)], 1)  # (B,4,2) x,y clockwise from top-left
+    cropped = crop_and_resize(rgb, boxes, (h, w), mode="bilinear", align_corners=True)
+    return torch.where(_per_sample(active, rgb), cropped.clamp(0.0, 1.0), rgb)
+
+
+#: the order in which :func:`apply_augmentation_params` applies the keys present.
+AUGMENTATION_ORDER: tuple[str, ...] = (
+    "crop_scale", "dihedral", "morphology", "blur_sigma", "brightness", "contrast", "saturation", "hue",
+    "gamma", "hed_shift",
+)
+
+
+def apply_augmentation_params(rgb: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Apply every transform whose key is in ``params``, in :data:`AUGMENTATION_ORDER`.
+
+    Geometry first (crop, then flips/rotations), then morphology and blur, then colour, then the
+    HED shift (with ``hed_scale`` too when given). Keys are those of :mod:`augment.params`.
+
+    Shape:
+        rgb ``(B,3,H,W)`` float in [0, 1]; each param ``(B, *shape)`` -> ``(B,3,H,W)``.
+
+    Example:
+        >>> x = torch.rand(2, 3, 8, 8)
+        >>> y = apply_augmentation_params(x, {"dihedral": torch.tensor([0, 4])})
+        >>> torch.equal(y[1], x[1].flip(-1))
+        True
+    """
+    x = rgb
+    for key in AUGMENTATION_ORDER:
+        if key not in params:
+            continue
+        value = params[key]
+        if key == "crop_scale":
+            x = crop_resize(x, value, params.get("crop_center", torch.full((len(value), 2), 0.5)))
+        elif key == "hed_shift":
+            scale = params.get("hed_scale", torch.ones_like(value))
+            x = hed_jitter(x, scale, value)
+        else:
+            x = _SIMPLE[key](x, value)
+    return x if x is not rgb else rgb.clone()
+
+
+_SIMPLE = {
+    "dihedral": dihedral, "morphology": morphology, "blur_sigma": gaussian_blur, "brightness": adjust_brightness,
+    "contrast": adjust_contrast, "saturation": adjust_saturation, "hue": adjust_hue, "gamma": adjust_gamma,
+}

@@ -166,6 +166,8 @@ TRAINERS = {  # kind -> (trainer "module:function", example config, what it trai
             "Train the histology VAE (diffusers AutoencoderKL)."),
     "ldm": ("genpath.training.ldm:train_ldm", "configs/ldm_small.yaml",
             "Train the embedding-conditioned latent diffusion model (saves an EmbeddingToImagePipeline)."),
+    "histaug": ("genpath.training.histaug:train_histaug", "configs/histaug_small.yaml",
+                "Train HistAug (feature-space augmentation) for a frozen registered encoder."),
 }
 
 

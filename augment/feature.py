@@ -1,0 +1,83 @@
+"""Feature-space augmentation for bag-of-embeddings (MIL) training with a trained HistAug model.
+
+:class:`HistAugTransform` augments one bag ``(N,D)`` or a batch of bags ``(B,N,D)`` in a single
+forward pass. Use it in the training step (on the GPU, next to the MIL model) or in a
+``DataLoader`` collate function (:class:`HistAugCollate`, picklable for workers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from augment.histaug import HistAugModel
+
+
+class HistAugTransform(nn.Module):
+    """Augment bags of patch embeddings with a frozen HistAug model.
+
+    Args:
+        model: a trained :class:`~augment.histaug.HistAugModel` (or its folder).
+        p: probability that a bag is augmented at all.
+        mode: ``"wsi"`` (one draw per bag, the paper's recommendation) or ``"patch"``.
+        strength: shrinks the transform ranges towards the identity (0..1).
+
+    Shape:
+        ``(N,D)`` or ``(B,N,D)`` -> same shape, dtype and device.
+
+    Example:
+        >>> model = HistAugModel(embed_dim=32, num_chunks=4, hidden_dim=16, depth=1, num_heads=2)
+        >>> HistAugTransform(model, p=1.0)(torch.randn(10, 32)).shape
+        torch.Size([10, 32])
+    """
+
+    def __init__(self, model: HistAugModel | str, p: float = 0.5, mode: str = "wsi", strength: float = 1.0) -> None:
+        super().__init__()
+        if isinstance(model, str):
+            model = HistAugModel.from_pretrained(model, torch_dtype=torch.float32)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p: expected a probability in [0, 1], got {p}")
+        if mode not in ("wsi", "patch"):
+            raise ValueError(f"mode: expected 'wsi' or 'patch', got {mode!r}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength: expected a value in [0, 1], got {strength}")
+        self.model = model.eval().requires_grad_(False)
+        self.p, self.mode, self.strength = float(p), mode, float(strength)
+
+    @torch.no_grad()
+    def forward(self, bags: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augment each bag with probability ``p`` (torch's RNG, or ``generator``)."""
+        single = bags.ndim == 2
+        x = bags[None] if single else bags
+        if x.ndim != 3:
+            raise ValueError(f"bags: expected (N,D) or (B,N,D), got shape {tuple(bags.shape)}")
+        chosen = (torch.rand(x.shape[0], generator=generator) < self.p).nonzero().flatten()
+        out = x.clone()
+        if len(chosen):
+            sub = x[chosen]
+            if self.mode == "wsi":
+                params = self.model.sample_params(len(chosen), mode="patch", generator=generator,
+                                                  strength=self.strength)  # one draw per bag
+                out[chosen] = self.model(sub, params)
+            else:
+                n = sub.shape[0] * sub.shape[1]
+                params = self.model.sample_params(n, mode="patch", generator=generator, strength=self.strength)
+                out[chosen] = self.model(sub.reshape(n, -1), params).reshape(sub.shape)
+        return out[0] if single else out
+
+
+class HistAugCollate:
+    """Collate ``(bag, label)`` items into a list of augmented bags and a label tensor (bags differ in size).
+
+    Args:
+        transform: the :class:`HistAugTransform` (None: no augmentation, e.g. for validation).
+    """
+
+    def __init__(self, transform: HistAugTransform | None) -> None:
+        self.transform = transform
+
+    def __call__(self, items: Sequence[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        bags = [bag if self.transform is None else self.transform(bag) for bag, _ in items]
+        return bags, torch.tensor([int(label) for _, label in items])
