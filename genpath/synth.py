@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -67,18 +66,13 @@ def load_pipeline(model: str | Path):  # noqa: ANN201 - EmbeddingToImagePipeline
 
 
 def pipeline_encoder(model: str | Path):  # noqa: ANN201 - ImageEncoder
-    """Create the encoder recorded in ``encoder.json`` (relative paths resolve against the pipeline folder)."""
-    from genpath.encoders import create_encoder
+    """Create the encoder recorded in the pipeline's ``encoder.json``."""
+    from genpath.encoders.reference import load_encoder_reference
 
-    folder = Path(model)
-    record = folder / "encoder.json"
-    if not record.is_file():
-        raise FileNotFoundError(f"model: expected {record} naming the conditioning encoder, got none; "
-                                "pass --embeddings FILE.npy instead")
-    spec = json.loads(record.read_text())
-    kwargs = {k: (str(folder / v) if k in ("path", "checkpoint_path") and not Path(v).is_absolute() else v)
-              for k, v in spec.get("kwargs", {}).items()}
-    return create_encoder(spec["name"], **kwargs)
+    try:
+        return load_encoder_reference(model)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}; pass --embeddings FILE.npy instead") from error
 
 
 def _conditions(cfg: SynthConfig, pipe) -> tuple[torch.Tensor, list[str]]:  # noqa: ANN001

@@ -89,6 +89,7 @@ def train_histaug(config: TrainConfig) -> Path:
     from augment.functional import apply_augmentation_params
     from augment.histaug import HistAugModel
     from genpath.encoders import create_encoder
+    from genpath.encoders.reference import save_encoder_reference
 
     options = config.options
     if "encoder" not in options:
@@ -117,6 +118,5 @@ def train_histaug(config: TrainConfig) -> Path:
         return histaug_loss(pred, target, m.embed_std, cosine_weight)
 
     final = train_loop(config.train, model, IndexedTiles(tiles), loss_fn)
-    record = {"name": options["encoder"], "kwargs": options.get("encoder_kwargs", {})}
-    (final / "encoder.json").write_text(json.dumps(record, indent=1))  # which embeddings the model expects
+    save_encoder_reference(final, options["encoder"], options.get("encoder_kwargs", {}))
     return final

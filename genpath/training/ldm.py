@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from genpath.encoders.reference import save_encoder_reference  # noqa: F401 - re-exported
 from genpath.training.configs import TrainConfig
 from genpath.training.loop import train_loop
 
@@ -98,22 +99,3 @@ def train_ldm(config: TrainConfig) -> Path:
     pipeline_from(trained).save_pretrained(str(out))
     save_encoder_reference(out, options["encoder"], options.get("encoder_kwargs", {}))
     return out
-
-
-def save_encoder_reference(pipeline_dir: str | Path, name: str, kwargs: dict[str, Any]) -> Path:
-    """Record which registered encoder conditions a pipeline (``encoder.json``), so ``synth`` can embed images.
-
-    Weight paths in ``kwargs`` are stored relative to the pipeline folder (resolved against it on load).
-    """
-    import json
-    import os
-
-    folder = Path(pipeline_dir)
-    stored = {}
-    for key, value in kwargs.items():
-        if key in ("path", "checkpoint_path") and Path(value).exists():
-            value = os.path.relpath(Path(value).resolve(), folder.resolve())  # survives moving both together
-        stored[key] = str(value) if isinstance(value, Path) else value
-    path = folder / "encoder.json"
-    path.write_text(json.dumps({"name": name, "kwargs": stored}, indent=1))
-    return path
