@@ -42,7 +42,8 @@ def _write_manifest(path: Path, records: list[dict]) -> None:
 def normalize(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (inputs are never modified).")],
-    method: Annotated[str | None, typer.Option(help="macenko, reinhard or vahadane.")] = None,
+    method: Annotated[str | None, typer.Option(help="macenko, reinhard, vahadane or stainfuser.")] = None,
+    model: Annotated[Path | None, typer.Option(help="stainfuser: a StainTransferPipeline folder.")] = None,
     target: Annotated[list[str] | None, typer.Option(help="Target image(s) to fit on.")] = None,
     state: Annotated[Path | None, typer.Option(help="A fitted normalizer (.safetensors).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML run config (see configs/normalize.yaml).")] = None,
@@ -81,6 +82,10 @@ def normalize(
     merged["options"] = dict(cfg.options)
     if on_invalid is not None:
         merged["options"]["on_invalid"] = on_invalid
+    if model is not None:
+        merged["options"]["model"] = str(model)
+    if merged["method"] == "stainfuser" and overlap is None and not cfg.slide.get("overlap"):
+        merged["slide"]["overlap"] = 32  # a tile-wise model: feather-blend overlapping windows
     try:
         cfg = NormalizeConfig(**merged)
         if cfg.output_format is None:
@@ -168,6 +173,8 @@ TRAINERS = {  # kind -> (trainer "module:function", example config, what it trai
             "Train the embedding-conditioned latent diffusion model (saves an EmbeddingToImagePipeline)."),
     "histaug": ("genpath.training.histaug:train_histaug", "configs/histaug_small.yaml",
                 "Train HistAug (feature-space augmentation) for a frozen registered encoder."),
+    "stainfuser": ("genpath.training.stainfuser:train_stainfuser", "configs/stainfuser_small.yaml",
+                   "Train the diffusion stain normalizer on restaining-simulator triplets."),
 }
 
 

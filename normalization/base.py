@@ -105,6 +105,9 @@ class StainNormalizer(nn.Module):
     #: Whether the subclass implements ``on_invalid="reference"`` itself; if not, invalid tiles
     #: pass through under that policy too.
     supports_reference: ClassVar[bool] = False
+    #: Whether the method can apply one set of slide-level source statistics to every tile
+    #: (:meth:`estimate_source`); tile-wise (neural) methods blend overlapping windows instead.
+    uses_source_statistics: ClassVar[bool] = True
 
     def _fit_target(self, sample: TissueSample) -> None:
         raise NotImplementedError

@@ -234,7 +234,8 @@ def _normalize_open_slide(
 
     # 2. per-slide statistics
     stats = None
-    if options.source == "slide" and hasattr(normalizer, "estimate_source"):
+    if (options.source == "slide" and hasattr(normalizer, "estimate_source")
+            and getattr(normalizer, "uses_source_statistics", True)):
         if options.fit_on == "thumbnail" and mask.any():
             try:
                 stats = normalizer.estimate_source(_to_tensor(thumbnail[None])[0], torch.from_numpy(mask))

@@ -1,0 +1,105 @@
+"""Training of the diffusion stain normalizer (StainTransferPipeline) on restaining-simulator triplets.
+
+Each step draws triplets from real tiles (:class:`~normalization.restain.RestainingSimulator`):
+the source (tissue X, style A), a reference (other tissue Y, style B) and the ground truth
+(tissue X, style B). With the VAE frozen, all three are encoded to posterior-mean latents; the
+UNet sees the noised ground-truth latents concatenated with the source latents, cross-attends to
+the reference's style tokens and predicts the clean ground-truth latents (x0 prediction, which
+is what few-step deterministic sampling needs). Only the UNet and the style tokenizer train.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from genpath.training.configs import TrainConfig
+from genpath.training.loop import train_loop
+
+STAINFUSER_UNET: dict[str, Any] = {
+    "block_out_channels": (64, 128, 128),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "layers_per_block": 1,
+    "cross_attention_dim": 128,
+    "attention_head_dim": 16,
+    "norm_num_groups": 16,
+}
+
+
+def random_dihedral(x: torch.Tensor) -> torch.Tensor:
+    """One random flip/90° rotation for the whole batch (torch RNG)."""
+    k, flip = torch.randint(0, 4, ()).item(), bool(torch.rand(()) < 0.5)
+    x = torch.rot90(x, int(k), (-2, -1))
+    return x.flip(-1) if flip else x
+
+
+def train_stainfuser(config: TrainConfig) -> Path:
+    """Train the stain-transfer UNet + style tokenizer; returns the pipeline folder (``output_dir/pipeline``).
+
+    Options: ``vae`` (folder, required), ``max_tokens``, ``simulator`` (kwargs of
+    :class:`~normalization.restain.RestainingSimulator`).
+    """
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from genpath.models.style import StyleTokenizer, latent_cells
+    from genpath.models.vae import downsampling_factor, encode_tiled, load_vae
+    from genpath.pipelines.stain_transfer import StainTransferPipeline, stain_transfer_scheduler, tissue_weights
+    from genpath.training.vae import save_grid
+    from normalization.restain import RestainingSimulator
+
+    options = config.options
+    if "vae" not in options:
+        raise ValueError("options.vae: expected a VAE folder (e.g. samples/checkpoints/vae_small), got none")
+    torch.manual_seed(config.train.seed)
+    vae = load_vae(options["vae"]).eval().requires_grad_(False)
+    f, c = downsampling_factor(vae), vae.config.latent_channels
+    if config.data.size % f:
+        raise ValueError(f"data.size: expected a multiple of the VAE factor {f}, got {config.data.size}")
+    unet = UNet2DConditionModel(**{**STAINFUSER_UNET, "sample_size": config.data.size // f,
+                                   "in_channels": 2 * c, "out_channels": c, **config.model})
+    tokenizer = StyleTokenizer(latent_channels=c, cross_attention_dim=unet.config.cross_attention_dim,
+                               max_tokens=int(options.get("max_tokens", 256)))
+    simulator = RestainingSimulator(**options.get("simulator", {}))
+    sampler = stain_transfer_scheduler()
+    noise_scheduler = DDPMScheduler.from_config(sampler.config)
+    dataset = config.data.dataset(config.train.seed)
+    preview_tiles = torch.stack([dataset[i] for i in range(min(4, len(dataset)))]).float() / 255
+    preview = simulator(preview_tiles, generator=torch.Generator().manual_seed(0))
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return encode_tiled(vae, x)
+
+    def loss_fn(model: torch.nn.Module, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            triplet = simulator(random_dihedral(batch.float() / 255))
+            source, target = encode(triplet.source), encode(triplet.target)
+            cells = latent_cells(encode(triplet.reference), tissue_weights(triplet.reference, f))
+        tokens = tokenizer(*cells)
+        noise = torch.randn_like(target)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (target.shape[0],), device=target.device)
+        noisy = noise_scheduler.add_noise(target, noise, t)
+        pred = model(torch.cat([noisy, source], 1), t, encoder_hidden_states=tokens).sample
+        return {"loss": F.mse_loss(pred, target)}
+
+    def pipeline_from(unet_model: torch.nn.Module) -> StainTransferPipeline:
+        return StainTransferPipeline(vae=vae, unet=unet_model, style_tokenizer=tokenizer, scheduler=sampler)
+
+    def sample_fn(unet_model: torch.nn.Module, path: Path) -> None:
+        pipe = pipeline_from(unet_model)
+        pipe.set_progress_bar_config(disable=True)
+        rows = [preview.source, preview.reference, preview.target]
+        for i in range(len(preview.source)):
+            tokens = pipe.encode_style(preview.reference[i : i + 1])
+            rows.append(pipe(preview.source[i : i + 1], style_tokens=tokens, num_inference_steps=4).images)
+        grid = torch.cat(rows[:3] + [torch.cat(rows[3:])])
+        save_grid(grid, path, columns=len(preview.source))
+
+    final = train_loop(config.train, unet, dataset, loss_fn, sample_fn, extra_modules=[tokenizer])
+    trained = UNet2DConditionModel.from_pretrained(final)
+    out = Path(config.train.output_dir) / "pipeline"
+    pipeline_from(trained).save_pretrained(str(out))
+    return out
