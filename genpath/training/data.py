@@ -128,3 +128,83 @@ def write_tile_zarr(tiles: torch.Tensor, path: str | Path, array: str = "tiles")
     arr = group.create_array(array, shape=tuple(tiles.shape), chunks=(1, *tiles.shape[1:]), dtype="uint8")
     arr[:] = tiles.numpy()
     return Path(path)
+
+
+class PairedTileDataset(Dataset):
+    """Registered image pairs listed in a CSV (e.g. two scanners of the same tissue), cropped alike.
+
+    Each item is ``(source, target, reference)`` uint8 ``(3,S,S)`` crops: the same window of a
+    source image and of its registered target, plus a crop of *another* target image of the same
+    group (slide), which serves as the style reference. Split by ``groups``, never by tile.
+
+    Args:
+        csv_path: CSV with one row per pair.
+        size: crop side.
+        source_column: column with the source image path (relative to the CSV's folder).
+        target_column: column with the target image path.
+        group_column: column naming the slide (or patient) of a pair.
+        groups: keep only these groups (None: all).
+        crops_per_pair: items per pair per epoch.
+        seed: base seed of the crop positions.
+    """
+
+    def __init__(
+        self,
+        csv_path: str | Path,
+        size: int,
+        source_column: str = "aperio",
+        target_column: str = "hamamatsu",
+        group_column: str = "slide",
+        groups: Sequence[str] | None = None,
+        crops_per_pair: int = 4,
+        seed: int = 0,
+    ) -> None:
+        import csv
+
+        csv_path = Path(csv_path)
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"csv_path: expected a CSV listing image pairs, got {csv_path} (missing)")
+        with open(csv_path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        for column in (source_column, target_column, group_column):
+            if rows and column not in rows[0]:
+                raise ValueError(f"csv_path: expected a '{column}' column, got {sorted(rows[0])}")
+        if groups is not None:
+            rows = [r for r in rows if r[group_column] in set(groups)]
+        if not rows:
+            raise ValueError(f"groups: expected at least one pair in {csv_path} for {groups}, got none")
+        base = csv_path.parent
+        self.pairs = [(base / r[source_column], base / r[target_column], r[group_column]) for r in rows]
+        self.by_group: dict[str, list[int]] = {}
+        for i, (_, _, group) in enumerate(self.pairs):
+            self.by_group.setdefault(group, []).append(i)
+        self.size, self.crops, self.seed = int(size), int(crops_per_pair), int(seed)
+        self._cache: dict[Path, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs) * self.crops
+
+    def _read(self, path: Path) -> torch.Tensor:
+        if path not in self._cache:
+            self._cache[path] = read_image(path)
+        return self._cache[path]
+
+    def _crop(self, image: torch.Tensor, g: torch.Generator) -> tuple[int, int]:
+        _, h, w = image.shape
+        if min(h, w) < self.size:
+            raise ValueError(f"size: expected images at least {self.size}px, got {w}x{h}")
+        return (int(torch.randint(0, h - self.size + 1, (1,), generator=g)),
+                int(torch.randint(0, w - self.size + 1, (1,), generator=g)))
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        i = item // self.crops
+        src_path, tgt_path, group = self.pairs[i]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + item)
+        source, target = self._read(src_path), self._read(tgt_path)
+        y, x = self._crop(source, g)
+        s = self.size
+        others = [j for j in self.by_group[group] if j != i] or [i]
+        ref_image = self._read(self.pairs[others[int(torch.randint(0, len(others), (1,), generator=g))]][1])
+        ry, rx = self._crop(ref_image, g)
+        return (source[:, y : y + s, x : x + s].contiguous(), target[:, y : y + s, x : x + s].contiguous(),
+                ref_image[:, ry : ry + s, rx : rx + s].contiguous())

@@ -37,11 +37,52 @@ def random_dihedral(x: torch.Tensor) -> torch.Tensor:
     return x.flip(-1) if flip else x
 
 
+class _SameDihedral:
+    """One dihedral draw applied to several tensors (source and target must move together)."""
+
+    def __init__(self) -> None:
+        self.k, self.flip = 0, False
+
+    def draw(self) -> None:
+        self.k, self.flip = int(torch.randint(0, 4, ()).item()), bool(torch.rand(()) < 0.5)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.rot90(x, self.k, (-2, -1))
+        return x.flip(-1) if self.flip else x
+
+
+def real_pairs(spec: dict[str, Any] | None, size: int, batch_size: int, seed: int):  # noqa: ANN201
+    """Build an endless iterator of ``(source, target, reference)`` uint8 batches from registered pairs."""
+    if not spec:
+        return None, 0.0
+    from torch.utils.data import DataLoader
+
+    from genpath.training.data import PairedTileDataset
+
+    spec = dict(spec)
+    if "csv" not in spec:
+        raise ValueError("options.pairs.csv: expected a CSV listing registered pairs, got none")
+    share = float(spec.pop("share", 0.5))
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"options.pairs.share: expected a share in (0, 1], got {share}")
+    dataset = PairedTileDataset(spec.pop("csv"), size, seed=seed, **spec)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
+                        generator=torch.Generator().manual_seed(seed))
+
+    def forever():  # noqa: ANN202
+        while True:
+            yield from loader
+
+    return forever(), share
+
+
 def train_stainfuser(config: TrainConfig) -> Path:
     """Train the stain-transfer UNet + style tokenizer; returns the pipeline folder (``output_dir/pipeline``).
 
-    Options: ``vae`` (folder, required), ``max_tokens``, ``simulator`` (kwargs of
-    :class:`~normalization.restain.RestainingSimulator`).
+    Options: ``vae`` (folder, required), ``init`` (a pipeline folder to fine-tune), ``max_tokens``,
+    ``simulator`` (kwargs of :class:`~normalization.restain.RestainingSimulator`), ``pairs`` (optional real registered
+    pairs for fine-tuning: ``csv``, ``groups`` (the training slides), ``share`` of steps that use
+    them, ``crops_per_pair`` and the column names of :class:`~genpath.training.data.PairedTileDataset`).
     """
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -49,7 +90,7 @@ def train_stainfuser(config: TrainConfig) -> Path:
     from genpath.models.vae import downsampling_factor, encode_tiled, load_vae
     from genpath.pipelines.stain_transfer import StainTransferPipeline, stain_transfer_scheduler, tissue_weights
     from genpath.training.vae import save_grid
-    from normalization.restain import RestainingSimulator
+    from normalization.restain import RestainingSimulator, RestainTriplet
 
     options = config.options
     if "vae" not in options:
@@ -59,10 +100,18 @@ def train_stainfuser(config: TrainConfig) -> Path:
     f, c = downsampling_factor(vae), vae.config.latent_channels
     if config.data.size % f:
         raise ValueError(f"data.size: expected a multiple of the VAE factor {f}, got {config.data.size}")
-    unet = UNet2DConditionModel(**{**STAINFUSER_UNET, "sample_size": config.data.size // f,
-                                   "in_channels": 2 * c, "out_channels": c, **config.model})
-    tokenizer = StyleTokenizer(latent_channels=c, cross_attention_dim=unet.config.cross_attention_dim,
-                               max_tokens=int(options.get("max_tokens", 256)))
+    if options.get("init"):  # fine-tune a trained pipeline (e.g. on real scanner pairs)
+        init = Path(options["init"])
+        unet = UNet2DConditionModel.from_pretrained(str(init / "unet"), torch_dtype=torch.float32)
+        tokenizer = StyleTokenizer.from_pretrained(str(init / "style_tokenizer"), torch_dtype=torch.float32)
+        if unet.config.in_channels != 2 * c:
+            raise ValueError(f"options.init: expected a UNet with {2 * c} input channels for this VAE, "
+                             f"got {unet.config.in_channels} in {init}")
+    else:
+        unet = UNet2DConditionModel(**{**STAINFUSER_UNET, "sample_size": config.data.size // f,
+                                       "in_channels": 2 * c, "out_channels": c, **config.model})
+        tokenizer = StyleTokenizer(latent_channels=c, cross_attention_dim=unet.config.cross_attention_dim,
+                                   max_tokens=int(options.get("max_tokens", 256)))
     simulator = RestainingSimulator(**options.get("simulator", {}))
     sampler = stain_transfer_scheduler()
     noise_scheduler = DDPMScheduler.from_config(sampler.config)
@@ -70,12 +119,20 @@ def train_stainfuser(config: TrainConfig) -> Path:
     preview_tiles = torch.stack([dataset[i] for i in range(min(4, len(dataset)))]).float() / 255
     preview = simulator(preview_tiles, generator=torch.Generator().manual_seed(0))
 
+    pairs, share = real_pairs(options.get("pairs"), config.data.size, config.train.batch_size, config.train.seed)
+
     def encode(x: torch.Tensor) -> torch.Tensor:
         return encode_tiled(vae, x)
 
     def loss_fn(model: torch.nn.Module, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            triplet = simulator(random_dihedral(batch.float() / 255))
+            if pairs is not None and int((step + 1) * share) > int(step * share):  # evenly spread, resumable
+                same = _SameDihedral()
+                same.draw()
+                src, tgt, ref = (same(x.float() / 255) for x in next(pairs))
+                triplet = RestainTriplet(source=src, reference=ref, target=tgt)
+            else:
+                triplet = simulator(random_dihedral(batch.float() / 255))
             source, target = encode(triplet.source), encode(triplet.target)
             cells = latent_cells(encode(triplet.reference), tissue_weights(triplet.reference, f))
         tokens = tokenizer(*cells)

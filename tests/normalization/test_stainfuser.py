@@ -135,6 +135,36 @@ def test_normalizer_interface_white_tiles_state_round_trip(model_dir, tmp_path):
     assert torch.equal(loaded(tiles), out)
 
 
+def write_pairs(folder):
+    """A CSV of registered pairs (source tile, its darkened copy) from 2 slides."""
+    from genpath.io.images import read_image, write_image
+
+    folder.mkdir()
+    rows = ["name,slide,src,tgt"]
+    for i, path in enumerate(sorted((ROOT / "samples" / "tiles" / "pcam").glob("*.jpg"))[:6]):
+        image = read_image(path)
+        write_image(image, folder / f"a{i}.png")
+        write_image((image.float() * 0.8).to(torch.uint8), folder / f"h{i}.png")
+        rows.append(f"p{i},s{i % 3},a{i}.png,h{i}.png")
+    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return folder / "pairs.csv"
+
+
+def test_paired_dataset_crops_pairs_alike_and_splits_by_slide(tmp_path):
+    from genpath.training.data import PairedTileDataset
+
+    data = PairedTileDataset(write_pairs(tmp_path / "p"), 32, "src", "tgt", "slide", groups=["s0", "s1"])
+    assert len(data) == 4 * 4 and {g for _, _, g in data.pairs} == {"s0", "s1"}
+    for item in range(len(data)):
+        source, target, reference = data[item]
+        assert source.shape == target.shape == reference.shape == (3, 32, 32)
+        assert (target.int() - (source.float() * 0.8).to(torch.uint8).int()).abs().max() <= 12  # same window
+    with pytest.raises(ValueError, match="groups"):
+        PairedTileDataset(tmp_path / "p" / "pairs.csv", 32, "src", "tgt", "slide", groups=["nope"])
+    with pytest.raises(ValueError, match="'aperio' column"):
+        PairedTileDataset(tmp_path / "p" / "pairs.csv", 32)
+
+
 def test_train_stainfuser_tiny_config_and_cli_normalize(tmp_path):
     from genpath.cli import app
 
@@ -147,6 +177,8 @@ def test_train_stainfuser_tiny_config_and_cli_normalize(tmp_path):
     section["options"]["vae"] = str(tmp_path / "vae" / "model")
     section["data"]["roots"] = [str(ROOT / "samples" / "tiles" / "pcam")]
     section["train"]["output_dir"] = str(tmp_path / "sf")
+    section["options"]["pairs"] = {"csv": str(write_pairs(tmp_path / "pairs")), "groups": ["s1", "s2"], "share": 0.5,
+                                    "source_column": "src", "target_column": "tgt"}
     (tmp_path / "sf.yaml").write_text(yaml.safe_dump({"stainfuser": section}))
     result = runner.invoke(app, ["train", "stainfuser", "--config", str(tmp_path / "sf.yaml")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
