@@ -175,6 +175,8 @@ TRAINERS = {  # kind -> (trainer "module:function", example config, what it trai
                 "Train HistAug (feature-space augmentation) for a frozen registered encoder."),
     "stainfuser": ("genpath.training.stainfuser:train_stainfuser", "configs/stainfuser_small.yaml",
                    "Train the diffusion stain normalizer on restaining-simulator triplets."),
+    "controlnet": ("genpath.training.controlnet:train_controlnet", "configs/controlnet_hgsc.yaml",
+                   "Train the nuclei-mask ControlNet on a frozen LDM (saves a MaskToImagePipeline)."),
 }
 
 

@@ -41,3 +41,15 @@ def load_encoder_reference(folder: str | Path) -> ImageEncoder:
     kwargs = {k: (str(folder / v) if k in _PATH_KEYS and not Path(v).is_absolute() else v)
               for k, v in spec.get("kwargs", {}).items()}
     return create_encoder(spec["name"], **kwargs)
+
+
+def copy_encoder_reference(source: str | Path, destination: str | Path) -> Path:
+    """Copy ``source/encoder.json`` to ``destination``, re-basing relative weight paths."""
+    source = Path(source)
+    record = source / "encoder.json"
+    if not record.is_file():
+        raise FileNotFoundError(f"model: expected {record} naming the encoder of its embeddings, got none")
+    spec = json.loads(record.read_text())
+    kwargs = {k: (str(source / v) if k in _PATH_KEYS and not Path(v).is_absolute() else v)
+              for k, v in spec.get("kwargs", {}).items()}
+    return save_encoder_reference(destination, spec["name"], kwargs)

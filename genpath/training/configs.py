@@ -13,6 +13,8 @@ class DataSettings:
     """Where tiles come from: image folders/files (``roots``) or a zarr array of tiles (``zarr``).
 
     ``holdout`` keeps a stable, name-hashed share of files out of training (for evaluation).
+    ``masks`` lists image + nuclei-mask sources for mask-conditioned training
+    (:mod:`genpath.training.mask_data`), rescaled by ``mask_scale``, without the stems in ``exclude``.
     """
 
     roots: list[str] = field(default_factory=list)
@@ -20,16 +22,23 @@ class DataSettings:
     size: int = 96
     crops_per_image: int = 8
     holdout: float = 0.0
+    masks: list[dict[str, Any]] = field(default_factory=list)
+    mask_scale: float = 1.0
+    exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.roots and not self.zarr:
-            raise ValueError("data: expected 'roots' (image folders) or 'zarr' (a tile array), got neither")
+        if not self.roots and not self.zarr and not self.masks:
+            raise ValueError("data: expected 'roots' (image folders), 'zarr' (a tile array) or 'masks', got none")
         if self.size < 16 or self.size % 8:
             raise ValueError(f"data.size: expected a multiple of 8, at least 16, got {self.size}")
 
     def dataset(self, seed: int = 0):  # noqa: ANN201 - a torch Dataset
         from genpath.training.data import TileFolderDataset, ZarrTileDataset
 
+        if self.masks:
+            from genpath.training.mask_data import MaskTileDataset
+
+            return MaskTileDataset(self.masks, self.size, self.mask_scale, self.crops_per_image, seed, self.exclude)
         if self.zarr:
             return ZarrTileDataset(self.zarr)
         return TileFolderDataset(self.roots, self.size, self.crops_per_image, seed, holdout=self.holdout)
