@@ -213,10 +213,23 @@ def synth(
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 2.0,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
     batch_size: Annotated[int, typer.Option(help="Samples per pipeline call.")] = 8,
+    masks: Annotated[Path | None, typer.Option(help="Nuclei masks (.npz, label image or folder): "
+                                                     "needs a MaskToImagePipeline --model.")] = None,
+    style_from: Annotated[list[str] | None, typer.Option(help="--masks: images whose embeddings set style.")] = None,
+    controlnet_scale: Annotated[float, typer.Option(help="--masks: weight of the mask (0 ignores it).")] = 1.0,
+    tile: Annotated[int | None, typer.Option(help="--masks: cut larger masks into tiles of this size.")] = None,
 ) -> None:
-    """Generate a synthetic dataset (images, embeddings, manifest.csv); an interrupted run resumes."""
+    """Generate a synthetic dataset (images, embeddings, manifest.csv); an interrupted run resumes.
+
+    With ``--masks``: (image, mask) pairs from a MaskToImagePipeline, one or more per mask
+    (``--n-per-condition``), to OUT/pairs.zarr or OUT/images + OUT/masks.
+    """
     from genpath.synth import SynthConfig, run_synth
 
+    if masks is not None:
+        _synth_from_masks(model, out, masks, style_from or [], n_per_condition, output_format, seed,
+                          controlnet_scale, guidance, steps, batch_size, tile)
+        return
     try:
         cfg = SynthConfig(model=str(model), out=str(out), from_images=list(from_images or []),
                           embeddings=str(embeddings) if embeddings else None, n_per_condition=n_per_condition,
@@ -232,6 +245,26 @@ def synth(
         except (ValueError, FileNotFoundError) as error:
             raise typer.BadParameter(str(error)) from error
     console.print(f"{len(rows)} samples, manifest.csv and embeddings.npy in {out}")
+
+
+def _synth_from_masks(model: Path, out: Path, masks: Path, style_from: list[str], n: int, output_format: str,
+                      seed: int, scale: float, guidance: float, steps: int, batch_size: int, tile: int | None) -> None:
+    from genpath.synth_masks import MaskSynthConfig, run_mask_synth
+
+    try:
+        cfg = MaskSynthConfig(model=str(model), out=str(out), masks=str(masks), style_from=style_from, n_per_mask=n,
+                              output_format=output_format, seed=seed, controlnet_scale=scale, guidance=guidance,
+                              steps=steps, batch_size=batch_size, tile=tile)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task("synth (masks)", total=None)
+        try:
+            rows = run_mask_synth(cfg, progress=lambda done, total: progress.update(task, completed=done, total=total))
+        except (ValueError, FileNotFoundError) as error:
+            raise typer.BadParameter(str(error)) from error
+    console.print(f"{len(rows)} (image, mask) pairs and manifest.csv in {out}")
 
 
 @app.command("synth-large")

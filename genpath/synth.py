@@ -97,10 +97,10 @@ def _read_manifest(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _write_manifest(path: Path, rows: list[dict]) -> None:
+def _write_manifest(path: Path, rows: list[dict], fields: tuple[str, ...] = MANIFEST_FIELDS) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".csv")
     with os.fdopen(fd, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     os.chmod(tmp, 0o644)

@@ -1,5 +1,6 @@
 """MaskToImagePipeline and ControlNet training on tiny seeded models."""
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -141,3 +142,36 @@ def test_mask_dataset_crops_stay_in_region_and_align(tmp_path):
         assert torch.equal(crop, image[:, y : y + 64, x : x + 64]) and torch.equal(ci, inst[y : y + 64, x : x + 64])
     with pytest.raises(ValueError, match="region"):
         MaskTileDataset([{**spec, "region": [0.8, 0.2]}], 64)
+
+
+def test_synth_from_masks_writes_pairs_and_resumes(mask_pipe, tmp_path):
+    import zarr
+
+    from genpath.cli import app
+
+    mask_pipe.save_pretrained(tmp_path / "model")
+    inst, types = masks()
+    big = torch.zeros(64, 64, dtype=torch.int64)
+    big[:32, :32], big[40:50, 40:50] = inst[0], 7
+    np.savez(tmp_path / "big.npz", instances=big.numpy(), types=(big > 0).numpy().astype(np.int32))
+    runner = CliRunner()
+    args = ["synth", "--model", str(tmp_path / "model"), "--masks", str(tmp_path / "big.npz"), "--tile", "32",
+            "--steps", "1", "--n-per-condition", "2", "--out"]
+    result = runner.invoke(app, [*args, str(tmp_path / "z")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    group = zarr.open_group(str(tmp_path / "z" / "pairs.zarr"), mode="r")
+    assert group["images"].shape == (4, 3, 32, 32)  # 2 tiles with nuclei (of 4) x 2 samples
+    assert np.array_equal(group["instances"][0], big[:32, :32].numpy())
+    rows = (tmp_path / "z" / "manifest.csv").read_text().splitlines()
+    assert len(rows) == 5 and "big.npz@0,0" in rows[1]
+    again = runner.invoke(app, [*args, str(tmp_path / "z")], catch_exceptions=False)  # resume: nothing to redo
+    assert again.exit_code == 0 and (tmp_path / "z" / "manifest.csv").read_text().splitlines() == rows
+    result = runner.invoke(app, [*args, str(tmp_path / "p"), "--format", "png"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "p" / "images").glob("*.png"))) == 4
+    saved = np.load(tmp_path / "p" / "masks" / "000000.npz")
+    assert np.array_equal(saved["instances"], big[:32, :32].numpy())
+    np.savez(tmp_path / "bad.npz", instances=np.zeros((32, 32), np.float32))
+    bad = runner.invoke(app, ["synth", "--model", str(tmp_path / "model"), "--masks", str(tmp_path / "bad.npz"),
+                              "--out", str(tmp_path / "b")])
+    assert bad.exit_code != 0 and "integer label maps" in bad.output
