@@ -31,7 +31,7 @@ from genpath.data import shared_data_root
 from genpath.encoders import create_encoder
 from genpath.encoders.reference import load_encoder_reference
 from genpath.metrics.distribution import embed_images, kernel_inception_distance
-from genpath.pipelines.mask_to_image import MaskToImagePipeline
+from genpath.pipelines.mask_to_image import load_mask_pipeline
 from genpath.training.mask_data import MaskTileDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +74,7 @@ def held_out_tiles(sources: list[dict], scale: float, size: int = 64) -> tuple[t
 
 
 def evaluate(name: str, model: Path, sources: list[dict], scale: float, steps: int, seed: int) -> None:
-    pipe = MaskToImagePipeline.from_pretrained(str(model), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_mask_pipeline(model)
     encoder = load_encoder_reference(model)
     images, inst, types = held_out_tiles(sources, scale)
     with torch.no_grad():

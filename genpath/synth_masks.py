@@ -119,13 +119,10 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Generate (or finish generating) an (image, mask) dataset; returns the manifest rows."""
     from genpath.masks import check_masks
-    from genpath.pipelines.mask_to_image import MaskToImagePipeline
+    from genpath.pipelines.mask_to_image import load_mask_pipeline
 
     folder = Path(cfg.model)
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"model: expected a MaskToImagePipeline folder (model_index.json), got {folder}")
-    pipe = MaskToImagePipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_mask_pipeline(folder)
     masks = tile_masks(load_mask_files(cfg.masks), cfg.tile)
     shapes = {tuple(m[1].shape) for m in masks}
     if len(shapes) != 1:

@@ -10,6 +10,7 @@ embeddings the learned null tokens are used (unconditional style).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel
@@ -151,3 +152,54 @@ class MaskToImagePipeline(DiffusionPipeline):
         if output_type == "latent":
             return ImagePipelineOutput(images=latents)
         return ImagePipelineOutput(images=decode_tiled(self.vae, latents))
+
+
+def load_mask_pipeline(path: str | Path) -> MaskToImagePipeline:
+    """Load a MaskToImagePipeline: a full ``save_pretrained`` folder, or a ControlNet-only folder.
+
+    A ControlNet-only folder (how ControlNets are usually shipped, apart from their base model)
+    holds the ``ControlNetModel`` weights and ``base.json`` with ``{"pipeline": <the LDM folder,
+    relative to this one>, "num_types": K}``; the base pipeline supplies VAE, UNet, projector and
+    scheduler. Weights load as float32 (shipped checkpoints are fp16).
+    """
+    import json
+
+    from genpath.synth import load_pipeline
+
+    folder = Path(path)
+    if (folder / "model_index.json").is_file():
+        pipe = MaskToImagePipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    elif (folder / "base.json").is_file():
+        spec = json.loads((folder / "base.json").read_text())
+        base_dir = folder / spec["pipeline"] if not Path(spec["pipeline"]).is_absolute() else Path(spec["pipeline"])
+        base = load_pipeline(base_dir)
+        controlnet = ControlNetModel.from_pretrained(str(folder), torch_dtype=torch.float32)
+        pipe = MaskToImagePipeline(vae=base.vae, unet=base.unet, projector=base.projector, controlnet=controlnet,
+                                   scheduler=base.scheduler, num_types=int(spec.get("num_types", 0)))
+    else:
+        raise FileNotFoundError(f"model: expected a MaskToImagePipeline folder (model_index.json) or a ControlNet "
+                                f"folder with base.json, got {folder}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def export_controlnet(pipeline: str | Path, base: str | Path, destination: str | Path) -> Path:
+    """Write the ControlNet of a trained pipeline as fp16 safetensors + ``base.json`` (relative to ``base``)."""
+    import json
+    import os
+    import shutil
+
+    destination = Path(destination)
+    tmp = destination.with_name(destination.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = MaskToImagePipeline.from_pretrained(str(pipeline), torch_dtype=torch.float32)
+    pipe.controlnet.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    relative = os.path.relpath(Path(base).resolve(), destination.resolve())
+    (tmp / "base.json").write_text(json.dumps({"pipeline": relative, "num_types": pipe.config.num_types}, indent=1))
+    if (Path(pipeline) / "encoder.json").is_file():
+        from genpath.encoders.reference import copy_encoder_reference
+
+        copy_encoder_reference(pipeline, tmp)  # tmp and destination are siblings: same relative paths
+    shutil.rmtree(destination, ignore_errors=True)
+    tmp.rename(destination)
+    return destination

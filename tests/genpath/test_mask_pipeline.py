@@ -119,7 +119,19 @@ def test_train_controlnet_two_steps(ldm_dir, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     assert (tmp_path / "cn" / "pipeline" / "encoder.json").is_file()
     inst, types = masks()
-    assert pipe(inst, types, num_inference_steps=1).images.shape == (2, 3, 32, 32)
+    full = pipe(inst, types, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images
+    assert full.shape == (2, 3, 32, 32)
+    # shipped form: the ControlNet alone (fp16) + base.json pointing at the LDM
+    from genpath.encoders.reference import load_encoder_reference
+    from genpath.pipelines.mask_to_image import export_controlnet, load_mask_pipeline
+
+    export_controlnet(tmp_path / "cn" / "pipeline", ldm_dir, tmp_path / "shipped")
+    assert not (tmp_path / "shipped" / "model_index.json").exists()
+    light = load_mask_pipeline(tmp_path / "shipped")
+    assert light.config.num_types == 3 and next(light.controlnet.parameters()).dtype == torch.float32
+    again = light(inst, types, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(again, full, atol=2e-2, rtol=0)
+    assert load_encoder_reference(tmp_path / "shipped").embed_dim == 12
 
 
 def test_mask_dataset_crops_stay_in_region_and_align(tmp_path):
