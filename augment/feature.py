@@ -8,6 +8,7 @@ forward pass. Use it in the training step (on the GPU, next to the MIL model) or
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,10 +34,12 @@ class HistAugTransform(nn.Module):
         torch.Size([10, 32])
     """
 
-    def __init__(self, model: HistAugModel | str, p: float = 0.5, mode: str = "wsi", strength: float = 1.0) -> None:
+    def __init__(
+        self, model: HistAugModel | str | Path, p: float = 0.5, mode: str = "wsi", strength: float = 1.0
+    ) -> None:
         super().__init__()
-        if isinstance(model, str):
-            model = HistAugModel.from_pretrained(model, torch_dtype=torch.float32)
+        if isinstance(model, str | Path):
+            model = HistAugModel.from_pretrained(str(model), torch_dtype=torch.float32)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p: expected a probability in [0, 1], got {p}")
         if mode not in ("wsi", "patch"):
