@@ -122,6 +122,8 @@ def main() -> None:
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     with open(root / "pcam" / "labels.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if in_holdout(r["path"], 0.3)]
+    # labels.csv is sorted by label: shuffle (fixed seed) so every split holds both classes
+    rows = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()]
     tiles = centre_crop(torch.stack([read_image(root / "pcam" / r["path"]) for r in rows]), size)
     labels = torch.tensor([int(r["label"]) for r in rows])
     n_cond, n_ref = args.n_cond, args.n_ref
