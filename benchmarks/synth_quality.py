@@ -1,10 +1,12 @@
 """Quality of the embedding-conditioned LDM, measured on held-out PatchCamelyon tiles.
 
-Run: ``python benchmarks/synth_quality.py [--model samples/checkpoints/ldm_small] [--steps 25]``
+Run: ``python benchmarks/synth_quality.py [--model samples/checkpoints/ldm_small] [--steps 20]
+[--n-cond 120] [--n-ref 300] [--variations 2]``
 
 All real tiles are the 30% of ``../shared/data/pcam`` held out from encoder, VAE and LDM
 training (stable name hash, ``genpath.training.data.in_holdout``), centre-cropped to the
-model's 64 px. They are split by file order into disjoint sets: *conditions* (their embeddings
+model's 64 px. They are shuffled (seed 0; labels.csv is sorted by label) and split into
+disjoint sets: *conditions* (their embeddings
 drive generation), *reference* (real tiles the samples are compared with), *classifier train*
 (100 tiles) and *classifier test* (never used anywhere else).
 
@@ -15,7 +17,7 @@ drive generation), *reference* (real tiles the samples are compared with), *clas
 2. Conditioning: cosine similarity, in the conditioning encoder's space, between a sample and
    its own condition against other conditions, and top-1 retrieval of the own condition.
 3. Utility: a small CNN classifier (normal vs tumour) trained on 100 real tiles, with and
-   without 4 synthetic variations of each (same label), accuracy on the test tiles, 3 seeds.
+   without ``--variations`` synthetic variations of each (same label), accuracy on the test tiles, 3 seeds.
 4. Large images: seam score (border/interior gradient energy) of a 4×4-tile image from a real
    region's embedding grid, for independent tiles, shifted windows and overlapping windows.
 """
