@@ -140,3 +140,16 @@ def test_fp16_export_loads_back_as_float32(tmp_path):
     assert next(enc.parameters()).dtype == torch.float32
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(enc(x), create_encoder("genpath-small", model=model)(x), atol=2e-2, rtol=2e-2)
+
+
+TRAIN_SECTIONS = {"encoder", "vae", "ldm", "histaug", "stainfuser", "controlnet", "translator"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_run_config_parses(path):
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    for section in sorted(set(raw) & TRAIN_SECTIONS):
+        config = load_train_config(str(path), section)
+        assert config.train.max_steps >= 1 and config.data.size > 0
