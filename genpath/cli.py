@@ -162,6 +162,51 @@ def normalize(
         raise typer.Exit(code=1)
 
 
+@app.command()
+def translate(
+    inputs: Annotated[list[str], typer.Argument(help="H&E image files, folders, globs, or slides.")],
+    model: Annotated[Path, typer.Option(help="A translator folder (genpath train translator).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (inputs are never modified).")],
+    steps: Annotated[int, typer.Option(help="Diffusion steps (ignored by one-step generators).")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the diffusion translator's shared noise.")] = 0,
+    output_format: Annotated[str | None, typer.Option("--format", help="Tiles: png, jpg, tif, same; "
+                                                      "slides: tiff or ome-zarr.")] = None,
+    tile_size: Annotated[int, typer.Option(help="Slides: output tile size in pixels.")] = 512,
+    overlap: Annotated[int, typer.Option(help="Slides: window overlap in pixels (feathered).")] = 32,
+    level: Annotated[int, typer.Option(help="Slides: level to translate (0 = full resolution).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Slides: windows per call.")] = 8,
+) -> None:
+    """Translate H&E tiles or whole slides to IHC with a trained translator.
+
+    Tiles go to OUT/<name>.<format> with OUT/manifest.json; slides to pyramidal OUT/<name>.tiff
+    (or .ome.zarr) with OUT/manifest.csv. Inputs that look like IHC already get a warning.
+    """
+    from genpath.translate import TranslateOptions, translate_slides, translate_tiles
+    from genpath.translation.translator import Translator
+
+    try:
+        options = TranslateOptions(steps, seed, batch_size, output_format, tile_size, overlap, level)
+        translator = Translator(model, num_inference_steps=steps, seed=seed)
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error), param_hint="--model") from error
+    if _wants_slides(inputs):
+        rows = translate_slides(inputs, out, translator, options)
+        summary, manifest = "slides translated", "manifest.csv"
+    else:
+        try:
+            files = expand_inputs(inputs)
+        except FileNotFoundError as error:
+            raise typer.BadParameter(str(error), param_hint="INPUTS") from error
+        rows = translate_tiles(files, out, translator, output_format or "png")
+        summary, manifest = "tiles translated", "manifest.json"
+    failed = [r for r in rows if r["status"] == "failed"]
+    console.print(f"{summary} {len(rows) - len(failed)}, failed {len(failed)}; outputs and {manifest} in {out}")
+    for row in failed:
+        console.print(f"[red]failed[/red] {row['input']}: {row['error']}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
 train_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train genpath models (accelerate).")
 app.add_typer(train_app, name="train")
 TRAINERS = {  # kind -> (trainer "module:function", example config, what it trains)
@@ -177,6 +222,8 @@ TRAINERS = {  # kind -> (trainer "module:function", example config, what it trai
                    "Train the diffusion stain normalizer on restaining-simulator triplets."),
     "controlnet": ("genpath.training.controlnet:train_controlnet", "configs/controlnet_hgsc.yaml",
                    "Train the nuclei-mask ControlNet on a frozen LDM (saves a MaskToImagePipeline)."),
+    "translator": ("genpath.training.translator:train_translator", "configs/translator_bci_gan.yaml",
+                   "Train an H&E->IHC translator on registered pairs (options.kind: gan or diffusion)."),
 }
 
 

@@ -15,6 +15,8 @@ class DataSettings:
     ``holdout`` keeps a stable, name-hashed share of files out of training (for evaluation).
     ``masks`` lists image + nuclei-mask sources for mask-conditioned training
     (:mod:`genpath.training.mask_data`), rescaled by ``mask_scale``, without the stems in ``exclude``.
+    ``pairs`` names registered H&E/IHC pairs for translators (:mod:`genpath.translation.data`):
+    ``root``, ``layout`` (bci, mist, csv), ``split``, ``patient_pattern``, ``scale``, ``exclude``.
     """
 
     roots: list[str] = field(default_factory=list)
@@ -25,16 +27,33 @@ class DataSettings:
     masks: list[dict[str, Any]] = field(default_factory=list)
     mask_scale: float = 1.0
     exclude: list[str] = field(default_factory=list)
+    pairs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.roots and not self.zarr and not self.masks:
-            raise ValueError("data: expected 'roots' (image folders), 'zarr' (a tile array) or 'masks', got none")
+        if not self.roots and not self.zarr and not self.masks and not self.pairs:
+            raise ValueError("data: expected 'roots' (image folders), 'zarr' (a tile array), 'masks' or 'pairs', "
+                             "got none")
+        if self.pairs and "root" not in self.pairs:
+            raise ValueError(f"data.pairs: expected a 'root' folder, got keys {sorted(self.pairs)}")
         if self.size < 16 or self.size % 8:
             raise ValueError(f"data.size: expected a multiple of 8, at least 16, got {self.size}")
 
     def dataset(self, seed: int = 0):  # noqa: ANN201 - a torch Dataset
         from genpath.training.data import TileFolderDataset, ZarrTileDataset
 
+        if self.pairs:
+            from genpath.translation.data import PairedCropDataset, pairs_from_layout
+
+            spec = dict(self.pairs)
+            pairs = pairs_from_layout(spec.pop("root"), spec.pop("layout", "bci"), spec.pop("split", "train"),
+                                      spec.pop("patient_pattern", r"^(.*)$"))
+            excluded = set(spec.pop("exclude", []))
+            pairs = [p for p in pairs if p.name not in excluded and p.patient not in excluded]
+            unknown = sorted(set(spec) - {"scale"})
+            if unknown:
+                raise ValueError(f"data.pairs: unknown keys {unknown}; expected root, layout, split, "
+                                 "patient_pattern, scale, exclude")
+            return PairedCropDataset(pairs, self.size, self.crops_per_image, seed, float(spec.get("scale", 1.0)))
         if self.masks:
             from genpath.training.mask_data import MaskTileDataset
 
