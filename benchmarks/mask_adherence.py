@@ -15,7 +15,8 @@ and generated tiles; its Dice on the *real* tiles is the ceiling this segmenter 
 Dice and IoU of the segmented foreground against the conditioning mask, and KID (Inception) of
 generated tiles against the real held-out tiles.
 
-Run: ``python benchmarks/mask_adherence.py [--model samples/checkpoints/controlnet_hgsc] [--monuseg-model DIR]``
+Run: ``python benchmarks/mask_adherence.py [--model samples/checkpoints/controlnet_hgsc] [--monuseg-model DIR]
+[--max-tiles 120]``
 """
 
 from __future__ import annotations
@@ -73,10 +74,14 @@ def held_out_tiles(sources: list[dict], scale: float, size: int = 64) -> tuple[t
     return torch.stack(images), torch.stack(insts), torch.stack(types)
 
 
-def evaluate(name: str, model: Path, sources: list[dict], scale: float, steps: int, seed: int) -> None:
+def evaluate(name: str, model: Path, sources: list[dict], scale: float, steps: int, seed: int,
+             max_tiles: int | None = None) -> None:
     pipe = load_mask_pipeline(model)
     encoder = load_encoder_reference(model)
     images, inst, types = held_out_tiles(sources, scale)
+    if max_tiles is not None and len(images) > max_tiles:  # evenly spaced over all images
+        keep = torch.linspace(0, len(images) - 1, max_tiles).round().long()
+        images, inst, types = images[keep], inst[keep], types[keep]
     with torch.no_grad():
         emb = encoder(images)
     typed = types if pipe.config.num_types else None
@@ -109,6 +114,7 @@ def main() -> None:
     parser.add_argument("--monuseg-model", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tiles", type=int, default=120, help="MoNuSeg: evaluate at most this many tiles")
     args = parser.parse_args()
     torch.set_num_threads(2)
     images = ROOT / "samples" / "images"
@@ -124,7 +130,8 @@ def main() -> None:
             test = [r["stem"] for r in csv.DictReader(handle) if r["official_split"] == "test"]
         sources = [{"image": root / "monuseg" / "images" / f"{s}.png",
                     "instances": root / "monuseg" / "instance_masks" / f"{s}.png"} for s in test]
-        evaluate("MoNuSeg official test images", args.monuseg_model, sources, 0.5, args.steps, args.seed)
+        evaluate("MoNuSeg official test images", args.monuseg_model, sources, 0.5, args.steps, args.seed,
+                 args.max_tiles)
 
 
 if __name__ == "__main__":
