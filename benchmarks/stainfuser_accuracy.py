@@ -126,7 +126,7 @@ def speed_benchmark(model: Path) -> None:
         print(f"{steps:2d} steps: {8 / (time.perf_counter() - start):6.2f} tiles/s")
 
 
-def slide_benchmark(model: Path, tmp: Path) -> None:
+def slide_benchmark(model: Path, tmp: Path, tile: int = 256, overlap: int = 16) -> None:
     from PIL import Image
 
     from genpath.io.slide import open_slide
@@ -141,18 +141,19 @@ def slide_benchmark(model: Path, tmp: Path) -> None:
     norm = fuser(model, 4).fit(tissue_tiles(1, 256))
     with open_slide(path) as reader:
         original = torch.from_numpy(reader.read_region((0, 0), 0, (1024, 768))).permute(2, 0, 1).float() / 255
-    print("\n== synthetic 1024x768 slide, 256-px tiles, 4 steps")
-    print(f"input seam score (256-px grid): {seam_score(original, 256):.3f}")
+    print(f"\n== synthetic 1024x768 slide, {tile}-px tiles, 4 steps")
+    print(f"input seam score ({tile}-px grid): {seam_score(original, tile):.3f}")
     seconds = {}
-    for overlap in (0, 16):
-        options = SlideOptions(tile_size=256, overlap=overlap, output_format="ome-zarr", qc=False, min_tissue=0.0)
+    for pad in (0, overlap):
+        options = SlideOptions(tile_size=tile, overlap=pad, output_format="ome-zarr", qc=False, min_tissue=0.0)
         start = time.perf_counter()
-        normalize_slide(path, tmp / f"out{overlap}.ome.zarr", norm, options)
-        seconds[overlap] = time.perf_counter() - start
-        with open_slide(tmp / f"out{overlap}.ome.zarr") as reader:
+        normalize_slide(path, tmp / f"out{tile}_{pad}.ome.zarr", norm, options)
+        seconds[pad] = time.perf_counter() - start
+        with open_slide(tmp / f"out{tile}_{pad}.ome.zarr") as reader:
             out = torch.from_numpy(reader.read_region((0, 0), 0, (1024, 768))).permute(2, 0, 1).float() / 255
-        print(f"overlap {overlap:2d}: seam score {seam_score(out, 256):.3f}, {seconds[overlap]:.1f} s")
-    print(f"overlap cost vs plain tiling: {seconds[16] / seconds[0]:.2f}x (window area ratio {(288 / 256) ** 2:.2f})")
+        print(f"overlap {pad:2d}: seam score {seam_score(out, tile):.3f}, {seconds[pad]:.1f} s")
+    area = ((tile + 2 * overlap) / tile) ** 2
+    print(f"overlap cost vs plain tiling: {seconds[overlap] / seconds[0]:.2f}x (window area ratio {area:.2f})")
 
 
 def main() -> None:
@@ -164,6 +165,8 @@ def main() -> None:
                         help="a model fine-tuned on MITOS pairs (configs/stainfuser_mitos.yaml): evaluated on --slides")
     parser.add_argument("--slides", nargs="*", default=None, help="MITOS slides to evaluate (default: all)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["simulator", "mitos", "speed", "slide"])
+    parser.add_argument("--slide-tiles", nargs="*", type=int, default=[256, 512],
+                        help="tile sizes for the slide seam/overlap-cost part (16-px overlap each)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -179,7 +182,8 @@ def main() -> None:
         speed_benchmark(args.model)
     if "slide" not in args.skip:
         with tempfile.TemporaryDirectory() as tmp:
-            slide_benchmark(args.model, Path(tmp))
+            for tile in args.slide_tiles:
+                slide_benchmark(args.model, Path(tmp), tile)
 
 
 if __name__ == "__main__":
