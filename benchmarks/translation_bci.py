@@ -16,13 +16,14 @@ mean pooling (16×16 maps), per image; DAB-positive area fraction (DAB OD > 0.2)
 reported as mean absolute error and as Pearson correlation across the 8 images against the true
 fractions; KID (Inception) of 64-px tiles cut from the outputs against tiles of the true IHC.
 
-Run: ``python benchmarks/translation_bci.py --gan out/train/translator_bci_gan/pipeline
+Run: ``python benchmarks/translation_bci.py --gan out/train/translator_bci_gan/pipeline [MORE_GAN_DIRS]
 --diffusion out/train/translator_bci_diffusion/pipeline``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def main() -> None:
     from normalization import ReinhardNormalizer
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--gan", type=Path, default=None)
+    parser.add_argument("--gan", type=Path, nargs="*", default=[], help="one or more generator pipeline folders")
     parser.add_argument("--diffusion", type=Path, default=None)
     parser.add_argument("--vae", type=Path, default=ROOT / "samples" / "checkpoints" / "vae_small")
     parser.add_argument("--scale", type=float, default=0.5)
@@ -88,12 +89,14 @@ def main() -> None:
     with torch.no_grad():
         outputs["VAE recon of true IHC (ceiling)"] = decode_tiled(vae, encode_tiled(vae, ihc), tile=512).clamp(0, 1)
     seconds: dict[str, float] = {}
-    if args.gan is not None:
-        translator = Translator(args.gan)
+    for gan in args.gan:
+        upsampling = json.loads((gan / "translator" / "config.json").read_text()).get("upsampling", "transposed")
+        label = f"ASP generator, {upsampling} (1 pass)"
+        translator = Translator(gan)
         start = time.perf_counter()
         with torch.no_grad():
-            outputs["ASP generator (1 pass)"] = torch.cat([translator(he[i : i + 1]) for i in range(len(he))])
-        seconds["ASP generator (1 pass)"] = time.perf_counter() - start
+            outputs[label] = torch.cat([translator(he[i : i + 1]) for i in range(len(he))])
+        seconds[label] = time.perf_counter() - start
     if args.diffusion is not None:
         for steps in (1, 4):
             translator = Translator(args.diffusion, num_inference_steps=steps)

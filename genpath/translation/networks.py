@@ -41,6 +41,9 @@ class ResnetTranslator(ModelMixin, ConfigMixin):
         num_residual_blocks: residual blocks at the bottleneck.
         num_downsamplings: stride-2 stages (input sides must be divisible by ``2**n``).
         nce_layers: indices into :meth:`encode_layers`' list used by PatchNCE.
+        upsampling: ``"transposed"`` (CUT's stride-2 transposed convolutions) or ``"resize_conv"``
+            (nearest-neighbour ×2 then a 3×3 convolution; avoids the checkerboard artefacts of
+            transposed convolutions, Odena et al. 2016).
 
     Shape:
         ``(B,3,H,W)`` float in [0, 1] -> ``(B,3,H,W)`` float in [0, 1].
@@ -53,8 +56,10 @@ class ResnetTranslator(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, base_channels: int = 32, num_residual_blocks: int = 6, num_downsamplings: int = 2,
-                 nce_layers: tuple[int, ...] = (0, 1, 2, 4)) -> None:
+                 nce_layers: tuple[int, ...] = (0, 1, 2, 4), upsampling: str = "transposed") -> None:
         super().__init__()
+        if upsampling not in ("transposed", "resize_conv"):
+            raise ValueError(f"upsampling: expected 'transposed' or 'resize_conv', got {upsampling!r}")
         layers: list[nn.Module] = [nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, base_channels, 7),
                                                  _norm(base_channels), nn.ReLU(True))]
         ch = base_channels
@@ -65,8 +70,11 @@ class ResnetTranslator(ModelMixin, ConfigMixin):
         self.encoder = nn.ModuleList(layers)
         up: list[nn.Module] = []
         for _ in range(num_downsamplings):
-            up += [nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1), _norm(ch // 2),
-                   nn.ReLU(True)]
+            if upsampling == "transposed":
+                up.append(nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1))
+            else:
+                up += [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1), nn.Conv2d(ch, ch // 2, 3)]
+            up += [_norm(ch // 2), nn.ReLU(True)]
             ch //= 2
         up += [nn.ReflectionPad2d(3), nn.Conv2d(ch, 3, 7)]
         self.decoder = nn.Sequential(*up)

@@ -151,6 +151,27 @@ def test_networks_round_trip(tmp_path):
         ResnetTranslator(num_residual_blocks=1, nce_layers=(0, 9))
 
 
+def test_resize_conv_upsampling_has_no_checkerboard(tmp_path):
+    # A flat input keeps the interior of every feature map flat; stride-2 transposed convolutions
+    # then stamp a period-2 pattern on it (uneven kernel overlap), resize-convolutions do not.
+    torch.manual_seed(0)
+    flat = torch.full((1, 3, 64, 64), 0.6)
+    transposed = ResnetTranslator(base_channels=8, num_residual_blocks=1).eval()
+    resize = ResnetTranslator(base_channels=8, num_residual_blocks=1, upsampling="resize_conv").eval()
+    with torch.no_grad():
+        inner_t = transposed(flat)[..., 24:40, 24:40]
+        inner_r = resize(flat)[..., 24:40, 24:40]
+    assert (inner_t - inner_t.mean(dim=(-2, -1), keepdim=True)).abs().max() > 1e-3
+    torch.testing.assert_close(inner_r, inner_r[..., :1, :1].expand_as(inner_r), atol=1e-5, rtol=0)
+    resize.save_pretrained(tmp_path / "g")
+    loaded = ResnetTranslator.from_pretrained(tmp_path / "g").eval()
+    assert loaded.config.upsampling == "resize_conv"
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), resize(x))
+    with pytest.raises(ValueError, match="upsampling"):
+        ResnetTranslator(upsampling="bilinear")
+
+
 # 3. data ---------------------------------------------------------------------------------------
 
 def _write(path, array):
