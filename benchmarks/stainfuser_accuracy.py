@@ -81,7 +81,8 @@ def simulator_benchmark(model: Path) -> None:
         print(f"{name:32s} {s:6.3f} {p:6.2f} {d:6.2f}")
 
 
-def mitos_benchmark(model: Path, root: Path, slides: list[str] | None = None, finetuned: Path | None = None) -> None:
+def mitos_benchmark(model: Path, root: Path, slides: list[str] | None = None,
+                    finetuned: list[Path] | None = None) -> None:
     folder = root / "mitos_scanner_pairs"
     with open(folder / "pairs.csv") as handle:
         pairs = list(csv.DictReader(handle))
@@ -90,8 +91,8 @@ def mitos_benchmark(model: Path, root: Path, slides: list[str] | None = None, fi
         if slides is None or row["slide"] in slides:
             by_slide.setdefault(row["slide"], []).append(row)
     normalizers = variants(model)
-    if finetuned is not None:
-        normalizers["stainfuser MITOS-finetuned 4 steps"] = fuser(finetuned, 4)
+    for tuned in finetuned or []:
+        normalizers[f"stainfuser fine-tuned ({tuned.parent.name}) 4 steps"] = fuser(tuned, 4)
     results: dict[str, list[tuple[float, ...]]] = {}
     for rows in by_slide.values():
         rows = sorted(rows, key=lambda r: float(r["white_frac_hamamatsu"]))
@@ -161,8 +162,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, default=ROOT / "samples" / "checkpoints" / "stainfuser_small")
-    parser.add_argument("--finetuned", type=Path, default=None,
-                        help="a model fine-tuned on MITOS pairs (configs/stainfuser_mitos.yaml): evaluated on --slides")
+    parser.add_argument("--finetuned", type=Path, nargs="*", default=[],
+                        help="models fine-tuned on MITOS pairs (configs/stainfuser_mitos.yaml): evaluated on --slides")
     parser.add_argument("--slides", nargs="*", default=None, help="MITOS slides to evaluate (default: all)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["simulator", "mitos", "speed", "slide"])
     parser.add_argument("--slide-tiles", nargs="*", type=int, default=[256, 512],
