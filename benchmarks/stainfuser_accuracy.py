@@ -127,7 +127,7 @@ def speed_benchmark(model: Path) -> None:
         print(f"{steps:2d} steps: {8 / (time.perf_counter() - start):6.2f} tiles/s")
 
 
-def slide_benchmark(model: Path, tmp: Path, tile: int = 256, overlap: int = 16) -> None:
+def slide_benchmark(model: Path, tmp: Path, tiles: list[int], overlap: int = 16) -> None:
     from PIL import Image
 
     from genpath.io.slide import open_slide
@@ -135,26 +135,29 @@ def slide_benchmark(model: Path, tmp: Path, tile: int = 256, overlap: int = 16) 
     from genpath.pipelines.large_image import seam_score
     from normalization.slide import SlideOptions, normalize_slide
 
+    def read(slide: Path) -> torch.Tensor:
+        with open_slide(slide) as reader:
+            return torch.from_numpy(reader.read_region((0, 0), 0, (1024, 768))).permute(2, 0, 1).float() / 255
+
     files = sorted((ROOT / "samples" / "tiles" / "crc").glob("*.png"))
     patches = np.stack([np.asarray(Image.open(p).convert("RGB"))[:192, :192] for p in files])
     path = write_synthetic_slide(tmp / "slide.tif", 1024, 768, patches, kind="tiff", tile=256, tissue_share=0.9,
                                  seed=0, compression="zlib")
     norm = fuser(model, 4).fit(tissue_tiles(1, 256))
-    with open_slide(path) as reader:
-        original = torch.from_numpy(reader.read_region((0, 0), 0, (1024, 768))).permute(2, 0, 1).float() / 255
-    print(f"\n== synthetic 1024x768 slide, {tile}-px tiles, 4 steps")
-    print(f"input seam score ({tile}-px grid): {seam_score(original, tile):.3f}")
-    seconds = {}
-    for pad in (0, overlap):
-        options = SlideOptions(tile_size=tile, overlap=pad, output_format="ome-zarr", qc=False, min_tissue=0.0)
-        start = time.perf_counter()
-        normalize_slide(path, tmp / f"out{tile}_{pad}.ome.zarr", norm, options)
-        seconds[pad] = time.perf_counter() - start
-        with open_slide(tmp / f"out{tile}_{pad}.ome.zarr") as reader:
-            out = torch.from_numpy(reader.read_region((0, 0), 0, (1024, 768))).permute(2, 0, 1).float() / 255
-        print(f"overlap {pad:2d}: seam score {seam_score(out, tile):.3f}, {seconds[pad]:.1f} s")
-    area = ((tile + 2 * overlap) / tile) ** 2
-    print(f"overlap cost vs plain tiling: {seconds[overlap] / seconds[0]:.2f}x (window area ratio {area:.2f})")
+    original = read(path)
+    for tile in tiles:
+        print(f"\n== synthetic 1024x768 slide, {tile}-px tiles, 4 steps")
+        print(f"input seam score ({tile}-px grid): {seam_score(original, tile):.3f}")
+        seconds = {}
+        for pad in (0, overlap):
+            options = SlideOptions(tile_size=tile, overlap=pad, output_format="ome-zarr", qc=False, min_tissue=0.0)
+            start = time.perf_counter()
+            normalize_slide(path, tmp / f"out{tile}_{pad}.ome.zarr", norm, options)
+            seconds[pad] = time.perf_counter() - start
+            out = read(tmp / f"out{tile}_{pad}.ome.zarr")
+            print(f"overlap {pad:2d}: seam score {seam_score(out, tile):.3f}, {seconds[pad]:.1f} s")
+        area = ((tile + 2 * overlap) / tile) ** 2
+        print(f"overlap cost vs plain tiling: {seconds[overlap] / seconds[0]:.2f}x (window area ratio {area:.2f})")
 
 
 def main() -> None:
@@ -183,8 +186,7 @@ def main() -> None:
         speed_benchmark(args.model)
     if "slide" not in args.skip:
         with tempfile.TemporaryDirectory() as tmp:
-            for tile in args.slide_tiles:
-                slide_benchmark(args.model, Path(tmp), tile)
+            slide_benchmark(args.model, Path(tmp), args.slide_tiles)
 
 
 if __name__ == "__main__":

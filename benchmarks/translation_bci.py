@@ -23,7 +23,6 @@ Run: ``python benchmarks/translation_bci.py --gan out/train/translator_bci_gan/p
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -90,9 +89,8 @@ def main() -> None:
         outputs["VAE recon of true IHC (ceiling)"] = decode_tiled(vae, encode_tiled(vae, ihc), tile=512).clamp(0, 1)
     seconds: dict[str, float] = {}
     for gan in args.gan:
-        upsampling = json.loads((gan / "translator" / "config.json").read_text()).get("upsampling", "transposed")
-        label = f"ASP generator, {upsampling} (1 pass)"
         translator = Translator(gan)
+        label = f"ASP generator, {translator.pipe.translator.config.upsampling} (1 pass)"
         start = time.perf_counter()
         with torch.no_grad():
             outputs[label] = torch.cat([translator(he[i : i + 1]) for i in range(len(he))])
