@@ -13,8 +13,9 @@ lives here so that every method behaves the same.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
@@ -24,11 +25,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from genpath.image_tensor import to_float_batch
+from genpath.utils.atomic import atomic_path
+from genpath.utils.logging import get_logger
 from normalization.functional import rgb_to_od, sample_pixels, tissue_mask_od
 
+logger = get_logger(__name__)
 InvalidPolicy = Literal["passthrough", "reference", "raise"]
 INVALID_POLICIES = ("passthrough", "reference", "raise")
 _REGISTRY: dict[str, type[StainNormalizer]] = {}
+#: Entry-point group through which other packages (genpath's diffusion normalizer among them)
+#: add methods without this package importing them.
+ENTRY_POINT_GROUP = "genpath.normalizers"
 
 
 @dataclass
@@ -234,6 +241,29 @@ class StainNormalizer(nn.Module):
             )
         return {k: v[0] for k, v in stats.items()}
 
+    def fit_slide(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The slide engine's hook (:class:`genpath.wsi.hooks.SlideFitter`): one map for a whole slide.
+
+        Args:
+            images: tissue windows ``(B,3,h,w)`` sampled over the slide, or its low-resolution
+                image ``(3,h,w)`` with ``mask``.
+            mask: tissue mask of a ``(3,h,w)`` ``images``.
+
+        Returns:
+            ``forward`` bound to the slide's source statistics, or None when this method does
+            not use source statistics or they cannot be estimated (then tiles are normalized
+            one by one).
+        """
+        if not self.uses_source_statistics:
+            return None
+        try:
+            stats = self.estimate_source(images, mask)
+        except ValueError:
+            return None
+        return functools.partial(self.__call__, source=stats)
+
     def _estimate_source(self, sample: TissueSample) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} does not support fixed source statistics")
 
@@ -299,11 +329,10 @@ class StainNormalizer(nn.Module):
         if not bool(self.fitted):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit() before .save()")
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         meta = {"genpath_normalizer": self.method, "config": json.dumps(self.config)}
-        save_file(state, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(state, str(tmp), metadata=meta)
         return path
 
     @classmethod
@@ -320,6 +349,8 @@ class StainNormalizer(nn.Module):
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
         method = meta.get("genpath_normalizer")
+        if method not in _REGISTRY and isinstance(method, str):
+            _load_plugins(method)
         if method not in _REGISTRY:
             raise ValueError(
                 f"path: expected a genpath normalizer file, got metadata method {method!r} in {path}"
@@ -333,9 +364,49 @@ class StainNormalizer(nn.Module):
         return module
 
 
+def _load_plugins(name: str | None = None) -> None:
+    """Register methods that installed packages declare in the ``genpath.normalizers`` entry-point group.
+
+    Only the plugin ``name`` is imported (all unregistered ones when None), so the classical
+    methods never pay for (or depend on) the neural ones. A plugin that fails to import is
+    skipped with a warning naming it: one broken extra must not take the others down.
+    """
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in _REGISTRY or (name is not None and entry.name != name):
+            continue
+        try:
+            cls = entry.load()
+        except Exception as error:  # noqa: BLE001 - a broken plugin must not break the registry
+            logger.warning("normalizer plugin %r (%s) failed to load: %s", entry.name, entry.value, error)
+            continue
+        _REGISTRY.setdefault(entry.name, cls)
+
+
+def register_normalizer(cls: type[StainNormalizer]) -> type[StainNormalizer]:
+    """Register a :class:`StainNormalizer` subclass under its ``method`` (usable as a class decorator).
+
+    Subclasses with a ``method`` register themselves on definition; this is for classes created
+    elsewhere. Packages that should be found without being imported declare an entry point in
+    the ``genpath.normalizers`` group instead (see ``pyproject.toml``).
+    """
+    if not cls.method:
+        raise ValueError(f"cls: expected a StainNormalizer with a 'method' name, got {cls.__name__}")
+    _REGISTRY[cls.method] = cls
+    return cls
+
+
 def available_methods() -> list[str]:
-    """Names of registered normalization methods (``macenko``, ``reinhard``, ...)."""
-    return sorted(_REGISTRY)
+    """Names of registered normalization methods (``macenko``, ``reinhard``, ..., and plugins such as ``stainfuser``).
+
+    Example:
+        >>> {"macenko", "reinhard", "vahadane"} <= set(available_methods())
+        True
+    """
+    from importlib.metadata import entry_points
+
+    return sorted(set(_REGISTRY) | {entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)})
 
 
 def build_normalizer(method: str, **kwargs: Any) -> StainNormalizer:
@@ -345,6 +416,8 @@ def build_normalizer(method: str, **kwargs: Any) -> StainNormalizer:
         >>> build_normalizer("macenko").method
         'macenko'
     """
+    if method not in _REGISTRY and isinstance(method, str):
+        _load_plugins(method)
     if method not in _REGISTRY:
         raise ValueError(f"method: expected one of {available_methods()}, got {method!r}")
     return _REGISTRY[method](**kwargs)

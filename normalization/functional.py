@@ -20,7 +20,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from kornia.color import lab_to_rgb, rgb_to_lab
+
+from genpath.utils.quiet_imports import import_kornia
+
+import_kornia()  # before kornia: no import-time TorchScript deprecation noise
+
+from kornia.color import lab_to_rgb, rgb_to_lab  # noqa: E402
 
 #: Reference H and E OD vectors (columns) and 99th-percentile concentrations, from torchstain /
 #: Macenko et al. 2009. Used to tell H from E and as a fallback target.

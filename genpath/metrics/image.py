@@ -44,6 +44,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window_size: int = 11) -> torch.Tensor:
     """Mean structural similarity per pair (kornia's Gaussian-window SSIM, data range 1)."""
+    from genpath.utils.quiet_imports import import_kornia
+
+    import_kornia()
     from kornia.metrics import ssim as kornia_ssim
 
     x, y = _pair(a, b)

@@ -84,21 +84,40 @@ class TrainConfig:
         unknown = sorted(set(raw) - {"data", "train", "model", "options"})
         if unknown:
             raise ValueError(f"config: unknown keys {unknown}; expected data, train, model, options")
+        from genpath.config import check_types
+
+        blocks = {}
+        for name, cls in (("data", DataSettings), ("train", LoopSettings)):
+            if not isinstance(raw.get(name) or {}, dict):
+                raise ValueError(f"{name}: expected a mapping, got {type(raw[name]).__name__}")
+            blocks[name] = check_types(cls, raw.get(name) or {}, name)
         try:
-            data = DataSettings(**raw.get("data", {}))
-            train = LoopSettings(**raw.get("train", {}))
+            data = DataSettings(**blocks["data"])
+            train = LoopSettings(**blocks["train"])
         except TypeError as error:
             raise ValueError(f"config: {error}") from error
         return cls(data, train, dict(raw.get("model", {})), dict(raw.get("options", {})))
 
 
 def load_train_config(path: str, section: str) -> TrainConfig:
-    """Load section ``section`` (``encoder``, ``vae``, ...) of a YAML file."""
-    from pathlib import Path
+    """Load section ``section`` (``encoder``, ``vae``, ...) of a YAML file; ``options`` are checked against
+    the trainer's typed options (:mod:`genpath.training.options`) and completed with its defaults.
 
-    import yaml
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: bad YAML, a missing section, unknown keys, wrong types (one line each).
+    """
+    from genpath.config import read_yaml
+    from genpath.training.options import TRAINERS, resolve_options
 
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if section not in raw:
-        raise ValueError(f"config: expected a top-level '{section}' section in {path}, got {sorted(raw)}")
-    return TrainConfig.from_dict(raw[section])
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict) or section not in raw:
+        found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"config: expected a top-level '{section}' section in {path}, got {found}")
+    block = raw[section] or {}
+    if not isinstance(block, dict):
+        raise ValueError(f"config: expected a mapping under '{section}' in {path}, got {type(block).__name__}")
+    config = TrainConfig.from_dict(block)
+    if section in TRAINERS:
+        config.options = resolve_options(section, config.options)
+    return config

@@ -160,6 +160,9 @@ def gaussian_pyramid_l1(prediction: torch.Tensor, target: torch.Tensor, levels: 
         >>> float(gaussian_pyramid_l1(x, x))
         0.0
     """
+    from genpath.utils.quiet_imports import import_kornia
+
+    import_kornia()
     from kornia.geometry.transform import build_pyramid
 
     if prediction.shape != target.shape:

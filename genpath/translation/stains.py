@@ -94,6 +94,9 @@ def dab_correlation(prediction: torch.Tensor, target: torch.Tensor, pool: int = 
 
 def brown_share(images: torch.Tensor, min_saturation: float = 0.07, max_value: float = 0.93) -> torch.Tensor:
     """Share of coloured pixels with a brown/orange hue (5°-70°), per image ``(B,)``; 0 if none is coloured."""
+    from genpath.utils.quiet_imports import import_kornia
+
+    import_kornia()
     import kornia
 
     rgb, _ = to_float_batch(images, "images")

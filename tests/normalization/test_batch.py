@@ -7,7 +7,8 @@ import yaml
 from typer.testing import CliRunner
 
 from genpath.cli import app
-from genpath.config import NormalizeConfig, load_config
+from genpath.config import load_config
+from normalization.config import NormalizeConfig
 from genpath.io.slide import open_slide
 from genpath.io.synthetic_slide import write_synthetic_slide
 from normalization import batch
@@ -33,7 +34,7 @@ def manifest(out):
 
 
 def cli(*args):
-    return CliRunner().invoke(app, ["normalize", *map(str, args)], catch_exceptions=False)
+    return CliRunner().invoke(app, ["normalize", "slides", *map(str, args)], catch_exceptions=False)
 
 
 def test_cli_folder_of_slides_with_a_corrupt_file(tmp_path, slides):
@@ -118,10 +119,10 @@ def test_fail_fast_stops_the_batch(tmp_path, slides):
 
 
 def test_bad_arguments_are_named(tmp_path, slides):
-    result = CliRunner().invoke(app, ["normalize", str(slides), "--target", TARGET, "--out", str(tmp_path / "o"),
+    result = CliRunner().invoke(app, ["normalize", "slides", str(slides), "--target", TARGET, "--out", str(tmp_path / "o"),
                                       "--overlap", "9999"])
     assert result.exit_code != 0 and "overlap" in result.output
-    result = CliRunner().invoke(app, ["normalize", str(tmp_path / "nothing*.svs"), "--target", TARGET,
+    result = CliRunner().invoke(app, ["normalize", "slides", str(tmp_path / "nothing*.svs"), "--target", TARGET,
                                       "--out", str(tmp_path / "o"), "--format", "tiff"])
     assert result.exit_code != 0 and "no match" in result.output
 
@@ -166,7 +167,7 @@ def test_kill_9_mid_slide_then_rerun(tmp_path, patches):
     write_synthetic_slide(folder / "big.svs", 4096, 4096, patches, kind="svs", tile=256, tissue_share=0.6)
     out = tmp_path / "out"
     exe = str(Path(sys.executable).parent / "genpath")
-    args = [exe, "normalize", str(folder), "--target", TARGET, "--out", str(out), "--tile-size", "256"]
+    args = [exe, "normalize", "slides", str(folder), "--target", TARGET, "--out", str(out), "--tile-size", "256"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = out / ".big.tiff.partial"
     deadline = time.time() + 60

@@ -4,23 +4,27 @@
 2. Tiles (PNG/JPEG/TIFF images): translate each (any size), write ``OUT/<name>.<format>``
    atomically and ``OUT/manifest.json``; an unreadable image becomes a ``failed`` row.
 3. Slides (anything :func:`~genpath.io.slide.open_slide` reads): stream overlapping windows
-   through the translator with feathered blending (the slide engine of the normalizer), write a
+   through the translator with feathered blending (the generic slide engine, :mod:`genpath.wsi`), write a
    pyramidal TIFF or OME-Zarr per slide under a temporary name, plus ``OUT/manifest.csv``; a
    failed slide is recorded and the batch goes on.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import os
-import tempfile
-import time
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from genpath.io.images import expand_inputs, read_image, write_image
+from genpath.utils.atomic import atomic_write_json
+from genpath.utils.logging import get_logger
+from genpath.wsi import SlideBatchSettings, SlideOptions, expand_slides, run_slide_batch, run_slide_job
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -43,31 +47,28 @@ class TranslateOptions:
             raise ValueError(f"batch_size: expected a positive integer, got {self.batch_size}")
 
 
-def _atomic_json(path: Path, records: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(records, handle, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+def translate_tiles(inputs: list[str], out: Path, translator: torch.nn.Module,
+                    output_format: str = "png", on_done: Callable[[], None] | None = None) -> list[dict]:
+    """Translate image files one by one; returns manifest rows (never raises for one bad file).
 
+    Args:
+        inputs: image files, folders or globs.
+        out: output folder; ``out/manifest.json`` lists every file's status.
+        translator: maps a ``(3,H,W)`` H&E image to IHC.
+        output_format: ``png``, ``jpg``, ``tif`` or ``same``.
+        on_done: called after each file.
 
-def _atomic_csv(path: Path, rows: list[dict], fields: tuple[str, ...]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    with os.fdopen(fd, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def translate_tiles(files: list[tuple[Path, Path]], out: Path, translator: torch.nn.Module, output_format: str,
-                    on_done: Callable[[], None] | None = None) -> list[dict]:
-    """Translate image files one by one; returns manifest rows (never raises for one bad file)."""
-    from genpath.io.images import read_image, write_image
-
+    Raises:
+        FileNotFoundError: an input matches nothing.
+    """
+    if output_format not in ("png", "jpg", "tif", "same"):
+        raise ValueError(f"output_format: expected one of ('png', 'jpg', 'tif', 'same') for tiles, "
+                         f"got {output_format!r}")
+    files = expand_inputs(inputs)
     resolved = {p.resolve() for p, _ in files}
+    claimed: dict[Path, Path] = {}
     records: list[dict] = []
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for path, relative in files:
         suffix = relative.suffix if output_format == "same" else f".{output_format}"
@@ -75,6 +76,9 @@ def translate_tiles(files: list[tuple[Path, Path]], out: Path, translator: torch
         try:
             if destination.resolve() in resolved:
                 raise ValueError(f"out: writing {destination} would overwrite an input")
+            other = claimed.setdefault(destination.resolve(), path)
+            if other != path:
+                raise ValueError(f"out: {path} and {other} would both write {destination}")
             image = read_image(path)
             with torch.inference_mode():
                 result = translator(image)
@@ -84,7 +88,8 @@ def translate_tiles(files: list[tuple[Path, Path]], out: Path, translator: torch
             records.append({"input": str(path), "status": "failed", "error": f"{type(error).__name__}: {error}"})
         if on_done:
             on_done()
-    _atomic_json(out / "manifest.json", records)
+        atomic_write_json(out / "manifest.json", records)
+    atomic_write_json(out / "manifest.json", records)
     return records
 
 
@@ -94,28 +99,23 @@ SLIDE_FIELDS = ("input", "output", "status", "error", "width", "height", "tiles"
 def translate_slides(inputs: list[str], out: Path, translator: torch.nn.Module, options: TranslateOptions,
                      on_slide: Callable[[dict], None] | None = None,
                      tile_progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Translate whole slides into pyramids; returns manifest rows (a failed slide is recorded, not raised)."""
-    from normalization.batch import expand_slides
-    from normalization.slide import SlideOptions, normalize_slide
+    """Translate whole slides into pyramids; returns manifest rows (a failed slide is recorded, not raised).
 
+    The slide engine (:mod:`genpath.wsi`) streams overlapping windows through ``translator``
+    with feathered blending; ``out/manifest.csv`` is rewritten after every slide.
+    """
     output_format = options.output_format or "tiff"
     slide_options = SlideOptions(tile_size=options.tile_size, overlap=options.overlap, level=options.level,
                                  batch_size=options.batch_size, output_format=output_format, compression="jpeg")
+    out = Path(out)
     jobs = expand_slides(inputs, out, output_format)
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    for job in jobs:
-        start = time.perf_counter()
-        row = {"input": job["input"], "output": job["output"]}
-        try:
-            result = normalize_slide(job["input"], job["output"], translator, slide_options, mpp=job.get("mpp"),
-                                     progress=tile_progress, device=options.device)
-            row.update(status="done", width=result.dimensions[0], height=result.dimensions[1], tiles=result.tiles)
-        except Exception as error:  # noqa: BLE001 - a failed slide must not kill the batch
-            row.update(status="failed", error=f"{type(error).__name__}: {error}")
-        row["seconds"] = round(time.perf_counter() - start, 2)
-        rows.append(row)
-        _atomic_csv(out / "manifest.csv", rows, SLIDE_FIELDS)
-        if on_slide:
-            on_slide(row)
-    return rows
+    task = functools.partial(_translate_slide, translator, slide_options, options.device)
+    settings = SlideBatchSettings(key="", fields=SLIDE_FIELDS, resume=False)
+    return run_slide_batch(jobs, out, task, settings, on_slide=on_slide, tile_progress=tile_progress)
+
+
+def _translate_slide(translator: torch.nn.Module, slide_options: SlideOptions, device: str, job: dict[str, Any],
+                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    row = run_slide_job(job, lambda: translator, slide_options, device=device, progress=progress)
+    row["seconds"] = round(row["seconds"], 2)
+    return row

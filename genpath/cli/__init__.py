@@ -1,0 +1,54 @@
+"""The ``genpath`` command line: one module per command group, each a thin layer over a library call.
+
+Commands parse options, build a typed config and call one function of :mod:`genpath.apps`,
+:mod:`normalization`, :mod:`genpath.synth` or :mod:`genpath.training` that a Python user can
+call the same way. Bad arguments and configs end in one line (``error: ...``, exit code 2);
+a batch with failed items exits with code 1 after writing the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from genpath import __version__
+from genpath.cli import eval as eval_commands
+from genpath.cli import normalize, synth, train, translate
+from genpath.utils.logging import set_verbosity
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="genpath: stain normalization, augmentation and synthesis for computational pathology.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"genpath {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what genpath does (INFO).")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Run the generative stain and augmentation engine for computational pathology."""
+    set_verbosity(logging.INFO if verbose else logging.WARNING)
+
+
+app.add_typer(normalize.app, name="normalize")
+app.add_typer(translate.app, name="translate")
+app.command("train", no_args_is_help=True)(train.train)
+app.command("synth", no_args_is_help=True)(synth.synth)
+app.command("synth-large", no_args_is_help=True)(synth.synth_large)
+app.add_typer(eval_commands.app, name="eval")
+
+
+def main() -> None:
+    """Entry point of the ``genpath`` console script."""
+    app(prog_name="genpath")
+
+
+__all__ = ["app", "main"]

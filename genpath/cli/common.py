@@ -1,0 +1,65 @@
+"""What every ``genpath`` command shares: one-line errors, the progress display, the failure summary."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit codes: 0 all done, 1 some items failed (the rest were written), 2 bad arguments or config.
+EXIT_FAILED_ITEMS = 1
+EXIT_USAGE = 2
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` on one line to stderr and exit with code 2 (bad argument or config)."""
+    console.print(f"[red]error[/red]: {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code=EXIT_USAGE)
+
+
+def user_errors(function: F) -> F:
+    """Turn ``ValueError`` / ``FileNotFoundError`` / ``NotADirectoryError`` from a command into :func:`fail`.
+
+    Library code raises these with one-line messages that name the argument; a command lets
+    them through this decorator, so the user sees that line (exit code 2), never a traceback.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:
+            fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+    """A progress bar on a terminal (silent otherwise); yields ``update(completed=, total=, advance=)``."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task(description, total=total)
+
+        def update(**kwargs: Any) -> None:
+            progress.update(task, **kwargs)
+
+        yield update
+
+
+def report_failures(rows: list[dict[str, Any]], summary: str) -> None:
+    """Print ``summary`` and one line per failed row; exit with code 1 when any failed."""
+    failed = [row for row in rows if row.get("status") == "failed"]
+    console.print(summary, highlight=False)
+    for row in failed:
+        console.print(f"[red]failed[/red] {row['input']}: {row.get('error', '')}", highlight=False)
+    if failed:
+        raise typer.Exit(code=EXIT_FAILED_ITEMS)

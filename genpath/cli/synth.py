@@ -1,0 +1,75 @@
+"""``genpath synth`` and ``genpath synth-large``: synthetic datasets and large images from trained pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from genpath.cli.common import console, progress_bar, user_errors
+
+
+@user_errors
+def synth(
+    model: Annotated[Path, typer.Option(help="EmbeddingToImagePipeline folder (or a MaskToImagePipeline with "
+                                             "--masks).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    from_images: Annotated[list[str] | None, typer.Option(help="Real images to make variations of.")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="Conditions as an (N,D) .npy file.")] = None,
+    n_per_condition: Annotated[int, typer.Option(help="Samples per condition.")] = 4,
+    output_format: Annotated[str, typer.Option("--format", help="zarr or png.")] = "zarr",
+    seed: Annotated[int, typer.Option(help="Base seed; sample i uses seed + i.")] = 0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 2.0,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    batch_size: Annotated[int, typer.Option(help="Samples per pipeline call.")] = 8,
+    masks: Annotated[Path | None, typer.Option(help="Nuclei masks (.npz, label image or folder): "
+                                                    "needs a MaskToImagePipeline --model.")] = None,
+    style_from: Annotated[list[str] | None, typer.Option(help="--masks: images whose embeddings set style.")] = None,
+    controlnet_scale: Annotated[float, typer.Option(help="--masks: weight of the mask (0 ignores it).")] = 1.0,
+    tile: Annotated[int | None, typer.Option(help="--masks: cut larger masks into tiles of this size.")] = None,
+) -> None:
+    """Generate a synthetic dataset (images, embeddings, manifest.csv); an interrupted run resumes.
+
+    With ``--masks``: (image, mask) pairs from a MaskToImagePipeline, one or more per mask
+    (``--n-per-condition``), to OUT/pairs.zarr or OUT/images + OUT/masks.
+    """
+    if masks is not None:
+        from genpath.synth_masks import MaskSynthConfig, run_mask_synth
+
+        cfg = MaskSynthConfig(model=str(model), out=str(out), masks=str(masks), style_from=list(style_from or []),
+                              n_per_mask=n_per_condition, output_format=output_format, seed=seed,
+                              controlnet_scale=controlnet_scale, guidance=guidance, steps=steps,
+                              batch_size=batch_size, tile=tile)
+        with progress_bar("synth (masks)") as update:
+            rows = run_mask_synth(cfg, progress=lambda done, total: update(completed=done, total=total))
+        console.print(f"{len(rows)} (image, mask) pairs and manifest.csv in {out}", highlight=False)
+        return
+    from genpath.synth import SynthConfig, run_synth
+
+    cfg = SynthConfig(model=str(model), out=str(out), from_images=list(from_images or []),
+                      embeddings=str(embeddings) if embeddings else None, n_per_condition=n_per_condition,
+                      output_format=output_format, seed=seed, guidance=guidance, steps=steps, batch_size=batch_size)
+    with progress_bar("synth") as update:
+        rows = run_synth(cfg, progress=lambda done, total: update(completed=done, total=total))
+    console.print(f"{len(rows)} samples, manifest.csv and embeddings.npy in {out}", highlight=False)
+
+
+@user_errors
+def synth_large(
+    model: Annotated[Path, typer.Option(help="EmbeddingToImagePipeline folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG (a new file; its .json beside it).")],
+    from_region: Annotated[Path | None, typer.Option(help="A real image whose tile embeddings lay out the "
+                                                          "result.")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="An embedding grid (gh, gw, D) as .npy.")] = None,
+    mode: Annotated[str, typer.Option(help="shifted (1.0x cost) or overlap (MultiDiffusion).")] = "shifted",
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 2.0,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+) -> None:
+    """Assemble a large image from a grid of embeddings (a real region's, or given); writes PNG + JSON."""
+    from genpath.apps.synth_large import synth_large_image
+
+    report = synth_large_image(model, out, from_region=from_region, embeddings=embeddings, mode=mode, seed=seed,
+                               guidance=guidance, steps=steps)
+    console.print(f"wrote {out}: {report}", highlight=False)

@@ -1,0 +1,150 @@
+"""Typed ``options`` of each trainer, and the registry of ``genpath train KIND``.
+
+Each trainer's ``options`` block (YAML) is checked against its dataclass here: a misspelt key
+or a value of the wrong type is a one-line error, not a silent default. Defaults live in the
+dataclasses; :func:`resolve_options` returns the block with every default filled in, which is
+what the trainer reads.
+
+Example:
+    >>> resolve_options("vae", {"kl_weight": 1e-5})["ssim_weight"]
+    0.2
+    >>> resolve_options("vae", {"kl_wieght": 1e-5})
+    Traceback (most recent call last):
+    ...
+    ValueError: options (vae): unknown keys ['kl_wieght']; expected some of ['kl_weight', 'ssim_weight']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from genpath.config import check_types
+
+
+@dataclass
+class EncoderOptions:
+    """SimCLR encoder: ``temperature`` of the NT-Xent loss."""
+
+    temperature: float = 0.2
+
+
+@dataclass
+class VAEOptions:
+    """VAE: weights of the KL and SSIM terms (besides L1)."""
+
+    kl_weight: float = 1e-6
+    ssim_weight: float = 0.2
+
+
+@dataclass
+class LDMOptions:
+    """Embedding-conditioned LDM: frozen ``vae`` folder, registered ``encoder`` (+ kwargs), conditioning."""
+
+    vae: str | None = None
+    encoder: str | None = None
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_tokens: int = 4
+    projector_hidden: int = 256
+    cond_dropout: float = 0.1
+
+
+@dataclass
+class HistAugOptions:
+    """HistAug: the frozen registered ``encoder``, the sampled transform family, the loss mix."""
+
+    encoder: str | None = None
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    transforms: list[str] | None = None
+    ranges: dict[str, Any] | None = None
+    max_radius: int | None = None
+    p_each: float | None = None
+    cosine_weight: float = 1.0
+
+
+@dataclass
+class StainFuserOptions:
+    """Diffusion stain normalizer: frozen ``vae``, optional ``init`` pipeline, simulator and real ``pairs``."""
+
+    vae: str | None = None
+    init: str | None = None
+    max_tokens: int = 256
+    simulator: dict[str, Any] = field(default_factory=dict)
+    pairs: dict[str, Any] | None = None
+
+
+@dataclass
+class ControlNetOptions:
+    """Nuclei-mask ControlNet over a frozen LDM ``pipeline``."""
+
+    pipeline: str | None = None
+    num_types: int = 0
+    cond_dropout: float = 0.1
+
+
+@dataclass
+class TranslatorOptions:
+    """H&E to IHC: ``kind`` ``gan`` (ASP losses; weights below) or ``diffusion`` (needs ``vae``)."""
+
+    kind: str = "gan"
+    vae: str | None = None
+    generator: dict[str, Any] = field(default_factory=dict)
+    discriminator: dict[str, Any] = field(default_factory=dict)
+    lambda_gan: float = 1.0
+    lambda_nce: float = 1.0
+    lambda_asp: float = 1.0
+    lambda_pyramid: float = 10.0
+    pyramid_levels: int = 4
+    num_patches: int = 64
+    asp_schedule: str = "lambda"
+    asp_lookup: str = "linear"
+    nce_temperature: float = 0.07
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """One ``genpath train KIND``: its function (``module:function``), options class, example config, summary."""
+
+    function: str
+    options: type
+    example: str
+    summary: str
+
+
+TRAINERS: dict[str, TrainerSpec] = {
+    "encoder": TrainerSpec("genpath.training.encoder:train_encoder", EncoderOptions, "configs/encoder_small.yaml",
+                           "Train the small SimCLR histology encoder."),
+    "vae": TrainerSpec("genpath.training.vae:train_vae", VAEOptions, "configs/vae_small.yaml",
+                       "Train the VAE (diffusers AutoencoderKL)."),
+    "ldm": TrainerSpec("genpath.training.ldm:train_ldm", LDMOptions, "configs/ldm_small.yaml",
+                       "Train the embedding-conditioned latent diffusion model (saves an EmbeddingToImagePipeline)."),
+    "histaug": TrainerSpec("genpath.training.histaug:train_histaug", HistAugOptions, "configs/histaug_small.yaml",
+                           "Train HistAug (feature-space augmentation) for a frozen registered encoder."),
+    "stainfuser": TrainerSpec("genpath.training.stainfuser:train_stainfuser", StainFuserOptions,
+                              "configs/stainfuser_small.yaml",
+                              "Train the diffusion stain normalizer on restaining-simulator triplets."),
+    "controlnet": TrainerSpec("genpath.training.controlnet:train_controlnet", ControlNetOptions,
+                              "configs/controlnet_hgsc.yaml",
+                              "Train the nuclei-mask ControlNet on a frozen LDM (saves a MaskToImagePipeline)."),
+    "translator": TrainerSpec("genpath.training.translator:train_translator", TranslatorOptions,
+                              "configs/translator_bci_gan.yaml",
+                              "Train an H&E->IHC translator on registered pairs (options.kind: gan or diffusion)."),
+}
+
+
+def resolve_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Check a trainer's ``options`` block against its dataclass and fill in the defaults.
+
+    Keys left at None by the dataclass (and not given) are dropped, so trainers can still test
+    ``"vae" in options`` for required settings and name them in their own errors.
+
+    Raises:
+        ValueError: unknown trainer, unknown key, wrong type or NaN (one line, naming it).
+    """
+    if kind not in TRAINERS:
+        raise ValueError(f"kind: expected one of {sorted(TRAINERS)}, got {kind!r}")
+    cls = TRAINERS[kind].options
+    options = check_types(cls, options, f"options ({kind})")
+    resolved = dataclasses.asdict(cls(**options))
+    return {k: v for k, v in resolved.items() if v is not None or k in options}

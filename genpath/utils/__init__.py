@@ -1,0 +1,1 @@
+"""Small shared helpers of genpath's base layer: atomic writes, logging, quiet imports."""
