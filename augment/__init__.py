@@ -1,14 +1,21 @@
 """Augmentation for training: pixel-space transforms, the shared parameter schema and HistAug.
 
 HistAug (feature-space augmentation) is imported lazily: it needs diffusers.
+
+kornia is imported first, through :func:`genpath.utils.quiet_imports.import_kornia` (before
+``normalization.functional`` imports it), so ``import augment`` prints no kornia import-time warning.
 """
 
 from typing import Any
 
-from augment.histology import RandomHistologyTransform
-from augment.params import PARAM_SCHEMA, ParamSpec, check_params, identity_params
-from augment.sampling import AugmentationSampler
-from augment.stain import (
+from genpath.utils.quiet_imports import import_kornia
+
+import_kornia()
+
+from augment.histology import RandomHistologyTransform  # noqa: E402
+from augment.params import PARAM_SCHEMA, ParamSpec, check_params, identity_params  # noqa: E402
+from augment.sampling import AugmentationSampler  # noqa: E402
+from augment.stain import (  # noqa: E402
     RandomHEDJitter,
     RandomStainJitter,
     RandomStainNA,

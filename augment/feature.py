@@ -39,7 +39,7 @@ class HistAugTransform(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(model, str | Path):
-            model = HistAugModel.from_pretrained(str(model), torch_dtype=torch.float32)
+            model = HistAugModel.from_pretrained(str(model), dtype=torch.float32)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p: expected a probability in [0, 1], got {p}")
         if mode not in ("wsi", "patch"):

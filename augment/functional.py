@@ -211,13 +211,23 @@ def dihedral(rgb: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return _grouped(rgb, k, apply)
 
 
-def crop_resize(rgb: torch.Tensor, scale: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+def crop_resize(
+    rgb: torch.Tensor, scale: torch.Tensor, center: torch.Tensor, mode: str = "bilinear", clamp: bool = True
+) -> torch.Tensor:
     """Crop a square of side ``scale · min(H, W)`` at ``center`` (y, x in [0, 1] of the free room) and resize back.
 
-    Uses kornia's ``crop_and_resize`` (bilinear); ``scale == 1`` leaves a sample unchanged.
+    Uses kornia's ``crop_and_resize``; ``scale == 1`` leaves a sample unchanged. The pixel map is
+    :func:`crop_resize_matrix`.
+
+    Args:
+        rgb: images ``(B,C,H,W)`` (any channel count, e.g. a mask).
+        scale: crop side as a share of the shorter side, ``(B,)``.
+        center: crop position ``(B,2)``.
+        mode: ``"bilinear"`` for images, ``"nearest"`` for masks and label maps.
+        clamp: clamp the result to [0, 1] (images); off for masks with other values.
 
     Shape:
-        rgb ``(B,3,H,W)``, scale ``(B,)``, center ``(B,2)`` -> ``(B,3,H,W)``.
+        rgb ``(B,C,H,W)``, scale ``(B,)``, center ``(B,2)`` -> ``(B,C,H,W)``.
     """
     from kornia.geometry.transform import crop_and_resize
 
@@ -226,14 +236,114 @@ def crop_resize(rgb: torch.Tensor, scale: torch.Tensor, center: torch.Tensor) ->
     active = scale < 1
     if not bool(active.any()):
         return rgb.clone()
-    side = scale * min(h, w)
-    y0 = center[:, 0] * (h - side)
-    x0 = center[:, 1] * (w - side)
+    x0, y0, side = _crop_box(scale, center, (h, w))
     y1, x1 = y0 + side - 1, x0 + side - 1
     boxes = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1), torch.stack([x1, y1], -1),
                          torch.stack([x0, y1], -1)], 1)  # (B,4,2) x,y clockwise from top-left
-    cropped = crop_and_resize(rgb, boxes, (h, w), mode="bilinear", align_corners=True)
-    return torch.where(_per_sample(active, rgb), cropped.clamp(0.0, 1.0), rgb)
+    cropped = crop_and_resize(rgb, boxes, (h, w), mode=mode, align_corners=True)
+    if clamp:
+        cropped = cropped.clamp(0.0, 1.0)
+    return torch.where(_per_sample(active, rgb), cropped, rgb)
+
+
+# -- the geometric part as 3x3 pixel maps (kornia convention: (x, y), pixel centres at integers) ---
+
+
+def _crop_box(scale: torch.Tensor, center: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    h, w = size
+    side = scale * min(h, w)
+    return center[:, 1] * (w - side), center[:, 0] * (h - side), side
+
+
+def crop_resize_matrix(scale: torch.Tensor, center: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Return the ``(B,3,3)`` map from input to output pixel coordinates ``(x, y, 1)`` of :func:`crop_resize`.
+
+    Identity where ``scale >= 1`` (those samples are left unchanged).
+
+    Example:
+        >>> m = crop_resize_matrix(torch.tensor([0.6]), torch.tensor([[0.0, 0.0]]), (5, 5))
+        >>> (m[0] @ torch.tensor([2.0, 2.0, 1.0])).tolist()  # the crop's corner goes to the image's corner
+        [4.0, 4.0, 1.0]
+    """
+    h, w = size
+    dtype = scale.dtype if scale.is_floating_point() else torch.float32
+    scale, center = scale.to(dtype), center.to(dtype)
+    x0, y0, side = _crop_box(scale, center, size)
+    sx, sy = (w - 1) / (side - 1), (h - 1) / (side - 1)
+    m = torch.eye(3, dtype=dtype, device=scale.device).repeat(len(scale), 1, 1)
+    m[:, 0, 0], m[:, 0, 2], m[:, 1, 1], m[:, 1, 2] = sx, -x0 * sx, sy, -y0 * sy
+    return torch.where((scale < 1)[:, None, None], m, torch.eye(3, dtype=dtype, device=scale.device))
+
+
+def dihedral_matrix(k: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Return the ``(B,3,3)`` map from input to output pixel coordinates ``(x, y, 1)`` of :func:`dihedral`.
+
+    A quarter turn (``torch.rot90``) sends ``(x, y)`` to ``(y, W-1-x)``; the flip sends ``x`` to ``W-1-x``.
+
+    Raises:
+        ValueError: non-square ``size`` with an odd number of quarter turns.
+
+    Example:
+        >>> dihedral_matrix(torch.tensor([4]), (3, 3))[0].tolist()  # horizontal flip
+        [[-1.0, 0.0, 2.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    k = k.round().long()
+    if size[0] != size[1] and bool((k % 2 == 1).any()):
+        raise ValueError(f"dihedral: quarter turns need square images, got {tuple(size)}")
+    elements = []
+    for v in range(8):
+        m, (h, w) = torch.eye(3, dtype=torch.float64), size
+        for _ in range(v % 4):
+            m = torch.tensor([[0.0, 1.0, 0.0], [-1.0, 0.0, w - 1.0], [0.0, 0.0, 1.0]], dtype=torch.float64) @ m
+            h, w = w, h
+        if v >= 4:
+            m = torch.tensor([[-1.0, 0.0, w - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64) @ m
+        elements.append(m)
+    return torch.stack(elements)[k.cpu()].to(device=k.device, dtype=torch.float32)
+
+
+def geometric_matrix(params: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Return the ``(B,3,3)`` pixel map of the geometric keys of ``params`` (crop, then dihedral), as applied.
+
+    It is what kornia needs to move masks, boxes and keypoints with the image, and to invert.
+
+    Example:
+        >>> geometric_matrix({"dihedral": torch.tensor([0.0])}, (4, 4))[0].equal(torch.eye(3))
+        True
+    """
+    n = len(next(iter(params.values())))
+    m = torch.eye(3).repeat(n, 1, 1)
+    if "crop_scale" in params:
+        scale = params["crop_scale"].float()
+        center = params.get("crop_center", torch.full((n, 2), 0.5)).float()
+        m = crop_resize_matrix(scale.cpu(), center.cpu(), size) @ m
+    if "dihedral" in params:
+        m = dihedral_matrix(params["dihedral"].cpu(), size) @ m
+    return m
+
+
+def apply_geometric_params(x: torch.Tensor, params: dict[str, torch.Tensor], mode: str = "nearest") -> torch.Tensor:
+    """Only the geometric keys of ``params`` (crop, then dihedral), for masks and label maps.
+
+    Any channel count and value range: nothing is clamped, colour keys are ignored, and ``mode``
+    (``"nearest"`` by default) keeps label values exact.
+
+    Shape:
+        x ``(B,C,H,W)`` float -> ``(B,C,H,W)``.
+
+    Example:
+        >>> mask = torch.zeros(1, 1, 4, 4)
+        >>> mask[0, 0, 0, 0] = 7.0
+        >>> apply_geometric_params(mask, {"dihedral": torch.tensor([4]), "hue": torch.tensor([0.3])})[0, 0, 0]
+        tensor([0., 0., 0., 7.])
+    """
+    out = x
+    if "crop_scale" in params:
+        center = params.get("crop_center", torch.full((len(params["crop_scale"]), 2), 0.5))
+        out = crop_resize(out, params["crop_scale"], center, mode=mode, clamp=False)
+    if "dihedral" in params:
+        out = dihedral(out, params["dihedral"])
+    return out if out is not x else x.clone()
 
 
 #: the order in which :func:`apply_augmentation_params` applies the keys present.

@@ -4,7 +4,8 @@ Each transform draws its parameters (schema in :mod:`augment.params`) with torch
 so ``DataLoader`` workers, which torch seeds differently, draw differently. They accept uint8
 or float images of rank 3 or 4 and return the same dtype and rank, support ``p``,
 ``same_on_batch`` and replay with ``params=``, pickle, and run inside torchvision v2
-``Compose`` and kornia ``AugmentationSequential`` (masks pass through unchanged).
+``Compose`` and kornia ``AugmentationSequential`` (they change colour only, so masks, boxes and
+keypoints pass through unchanged).
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from kornia.augmentation import IntensityAugmentationBase2D
 
+from augment.base import IntensityAugmentationBase2D, ReplayableImageMixin
 from augment.functional import hed_jitter, lab_transfer, stain_jitter
-from augment.params import check_params
 from genpath.image_tensor import to_float_batch
 from normalization.functional import lab_statistics, rgb_to_od, tissue_mask_od
 
@@ -42,25 +42,8 @@ def _uniform(n: int, shape: tuple[int, ...], bounds: Range, same_on_batch: bool)
     return (low + (high - low) * draw).expand(n, *shape).clone()
 
 
-class StainAugmentationBase(IntensityAugmentationBase2D):
-    """Common dtype/rank handling and parameter checks for genpath's stain transforms."""
-
-    param_keys: tuple[str, ...] = ()
-
-    def __init__(self, p: float = 0.5, same_on_batch: bool = False) -> None:
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p: expected a probability in [0, 1], got {p}")
-        super().__init__(p=p, same_on_batch=same_on_batch, keepdim=False)
-
-    def forward(  # type: ignore[override]
-        self, input: torch.Tensor, params: dict[str, torch.Tensor] | None = None, **kwargs: Any
-    ) -> torch.Tensor:
-        """Transform ``input`` (uint8 or float, ``(B,3,H,W)`` or ``(3,H,W)``); replay ``params`` if given."""
-        batch, restore = to_float_batch(input, "input")
-        if params is not None:
-            applied = int(params["batch_prob"].sum()) if "batch_prob" in params else batch.shape[0]
-            check_params(params, self.param_keys, applied)
-        return restore(super().forward(batch, params=params, **kwargs))
+class StainAugmentationBase(ReplayableImageMixin, IntensityAugmentationBase2D):
+    """Common dtype/rank handling and parameter checks for genpath's stain (intensity) transforms."""
 
 
 class RandomHEDJitter(StainAugmentationBase):

@@ -1,9 +1,12 @@
-"""The HistAug transform family: pure functions against known answers, the kornia transform contract."""
+"""The HistAug transform family: known answers, the kornia contract, masks/boxes/keypoints following the image."""
 
 import pickle
 
+import kornia.augmentation as K
 import pytest
 import torch
+from kornia.augmentation.container.params import ParamItem
+from kornia.geometry.transform import warp_affine
 from torch.utils.data import DataLoader, Dataset
 
 from augment.functional import (
@@ -15,7 +18,9 @@ from augment.functional import (
     apply_augmentation_params,
     crop_resize,
     dihedral,
+    dihedral_matrix,
     gaussian_blur,
+    geometric_matrix,
     morphology,
 )
 from augment.histology import RandomHistologyTransform
@@ -144,3 +149,122 @@ def test_dataloader_workers_draw_differently():
                         num_workers=2)
     first, second = list(loader)
     assert not torch.allclose(first[0], second[0])
+
+
+# -- geometry moves masks, boxes and keypoints with the image (kornia's geometric base) -----------
+
+
+def _geometric_seq(transforms, *data_keys, p=1.0):
+    aug = RandomHistologyTransform(transforms, p=p, p_each=1.0)
+    return K.AugmentationSequential(aug, data_keys=["input", *data_keys])
+
+
+def _replay(seq, x, *others, **values):
+    """Run ``seq`` with all samples on and the given param values (the rest as drawn)."""
+    seq(x, *others)
+    item = seq._params[0]
+    data = {k: v.clone() for k, v in item.data.items()}
+    data["batch_prob"] = torch.ones(len(x))
+    for key, value in values.items():
+        data[key] = torch.as_tensor(value, dtype=torch.float32).expand_as(data[key]).clone()
+    return seq(x, *others, params=[ParamItem(item.name, data)]), data
+
+
+def _pattern(b: int = 4, size: int = 16) -> torch.Tensor:
+    """An asymmetric bright "L" on a mid-grey, textured background: no symmetry of the square fixes it."""
+    g = torch.Generator().manual_seed(0)
+    x = 0.2 + 0.2 * torch.rand(b, 3, size, size, generator=g)
+    x[:, :, 2:12, 3:6] = 0.9
+    x[:, :, 9:12, 6:11] = 0.9
+    return x
+
+
+def test_geometric_matrix_is_the_pixel_map_of_crop_and_dihedral():
+    x = torch.rand(8, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    params = AugmentationSampler(["crop", "dihedral"], p_each=1.0).sample(8, generator=torch.Generator().manual_seed(2))
+    warped = warp_affine(x, geometric_matrix(params, (12, 12))[:, :2], (12, 12), align_corners=True)
+    assert torch.allclose(warped, apply_augmentation_params(x, params), atol=1e-5)
+    rot = dihedral_matrix(torch.tensor([1]), (12, 12))[0]
+    assert (rot @ torch.tensor([0.0, 0.0, 1.0])).tolist() == [0.0, 11.0, 1.0]  # rot90: top-left -> bottom-left
+    flip = K.RandomHorizontalFlip(p=1.0)
+    flip(x)
+    assert torch.equal(dihedral_matrix(torch.tensor([4]), (12, 12))[0], flip.transform_matrix[0])
+
+
+def test_masks_follow_dihedral_exactly_in_augmentation_sequential():
+    torch.manual_seed(0)
+    x = _pattern(8)
+    mask = (x[:, :1] > 0.5).float()
+    seq = _geometric_seq(["dihedral"], "mask", p=0.5)
+    out, out_mask = seq(x, mask)
+    params = seq._params[0].data
+    on = params["batch_prob"] > 0.5
+    assert 0 < int(on.sum()) < 8  # some samples transformed, some not
+    assert torch.equal(out_mask, (out[:, :1] > 0.5).float())  # the mask is where the image's pattern went
+    expected = mask.clone()
+    expected[on] = dihedral(mask[on], params["dihedral"])
+    assert torch.equal(out_mask, expected)
+    assert not torch.equal(out_mask, mask)  # it did move (the old intensity base left it in place)
+    replayed = seq(x, mask, params=seq._params)
+    assert torch.equal(replayed[0], out) and torch.equal(replayed[1], out_mask)
+
+
+def test_flip_matches_kornias_own_flip_for_every_data_key():
+    x = _pattern(2)
+    mask = (x[:, :1] > 0.5).float()
+    boxes = torch.tensor([[[3.0, 2.0, 10.0, 11.0]]]).repeat(2, 1, 1)
+    points = torch.tensor([[[4.0, 5.0], [8.0, 10.0]]]).repeat(2, 1, 1)
+    keys = ("mask", "bbox_xyxy", "keypoints")
+    ours, _ = _replay(_geometric_seq(["dihedral"], *keys), x, mask, boxes, points, dihedral=4.0)
+    theirs = K.AugmentationSequential(K.RandomHorizontalFlip(p=1.0), data_keys=["input", *keys])(x, mask, boxes, points)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_label_map_crop_and_rotation_known_answer():
+    x = _pattern(1)
+    labels = torch.arange(256).view(1, 1, 16, 16)  # a label per pixel, integer dtype
+    seq = _geometric_seq(["crop", "dihedral", "hue", "gamma", "blur"], "mask")
+    # crop side 0.375 * 16 = 6 at x0 = y0 = 0.3 * 10 = 3: output pixel i samples 3 + i / 3 (never a tie)
+    (out, out_labels), _ = _replay(seq, x, labels, crop_scale=0.375, crop_center=[0.3, 0.3], dihedral=1.0)
+    assert out_labels.dtype == labels.dtype
+    src = (3 + torch.arange(16) / 3).round().long()
+    expected = labels[0, 0][src][:, src]
+    assert torch.equal(out_labels[0, 0], torch.rot90(expected, 1))  # then a quarter turn; colour ops ignored
+
+
+def test_boxes_and_keypoints_stay_on_the_marked_pixels():
+    x = torch.zeros(4, 3, 16, 16)
+    x[:, 1:, 5:9, 4:7] = 1.0  # a bright box in green and blue, pixels x 4..6, y 5..8
+    x[:, 0, 12, 10] = 1.0  # a marked red pixel at (x=10, y=12)
+    mask = x[:, 1:2].clone()  # the box only
+    boxes = torch.tensor([[[4.0, 5.0, 6.0, 8.0]]]).repeat(4, 1, 1)
+    points = torch.tensor([[[10.0, 12.0]]]).repeat(4, 1, 1)
+    seq = _geometric_seq(["dihedral", "crop"], "mask", "bbox_xyxy", "keypoints")
+    (out, out_mask, out_boxes, out_points), params = _replay(
+        seq, x, mask, boxes, points, dihedral=[0.0, 3.0, 5.0, 6.0], crop_scale=[1.0, 1.0, 0.8, 0.8],
+        crop_center=[0.5, 0.5])
+    for i in range(4):
+        kx, ky = out_points[i, 0].round().long().tolist()
+        assert out[i, 0, ky, kx] == out[i, 0].max() > 0.5  # the keypoint is on the marked pixel's peak
+        ys, xs = out_mask[i, 0].nonzero().unbind(1)
+        region = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
+        assert torch.allclose(out_boxes[i, 0], region, atol=1.0 if i >= 2 else 0.0), i  # box bounds the moved box
+    inv_x, inv_mask, inv_boxes, inv_points = seq.inverse(out, out_mask, out_boxes, out_points)
+    assert torch.allclose(inv_boxes, boxes, atol=1e-4) and torch.allclose(inv_points, points, atol=1e-4)
+    assert torch.allclose(inv_x[:2], x[:2], atol=1e-5) and torch.equal(inv_mask[:2], mask[:2])  # dihedral: exact
+
+
+def test_inverse_and_histaug_params():
+    from augment.histaug import HistAugModel
+
+    aug = RandomHistologyTransform(["dihedral"], p=1.0, p_each=1.0)
+    x = _pattern(3)
+    u8 = (x[0] * 255).round().to(torch.uint8)
+    assert torch.equal(aug.inverse(aug(u8)), u8)  # the image contract holds for inverse too; dihedral is exact
+    aug = RandomHistologyTransform(["dihedral", "crop", "gamma"], p=1.0)
+    aug(x)
+    assert set(aug._params) == set(aug.param_keys) | {"batch_prob", "forward_input_shape"}
+    model = HistAugModel(embed_dim=8, num_chunks=2, hidden_dim=8, depth=1, num_heads=2,
+                         transforms=["dihedral", "crop", "gamma"])
+    model.check_params(aug._params, 3)
