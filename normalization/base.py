@@ -346,8 +346,12 @@ class StainNormalizer(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"path: expected a saved normalizer file, got {path} (missing)")
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a bad file
+            raise ValueError(f"path: expected a genpath normalizer .safetensors file, got an unreadable file {path} "
+                             f"({error})") from None
         method = meta.get("genpath_normalizer")
         if method not in _REGISTRY and isinstance(method, str):
             _load_plugins(method)
@@ -358,9 +362,14 @@ class StainNormalizer(nn.Module):
         target = _REGISTRY[method]
         if cls is not StainNormalizer and not issubclass(target, cls):
             raise ValueError(f"path: expected a {cls.method} normalizer, got {method} in {path}")
-        config = {**json.loads(meta["config"]), **overrides}
-        module = target(**config)
-        module.load_state_dict(load_file(str(path)))
+        try:
+            saved = json.loads(meta.get("config", "{}"))
+            if not isinstance(saved, dict):
+                raise TypeError(f"config is a {type(saved).__name__}")
+            module = target(**{**saved, **overrides})
+            module.load_state_dict(load_file(str(path)))
+        except (TypeError, RuntimeError, json.JSONDecodeError) as error:
+            raise ValueError(f"path: expected a valid {method} normalizer state in {path}, got {error}") from None
         return module
 
 

@@ -118,7 +118,11 @@ def load_or_fit_normalizer(
         normalizer = StainNormalizer.load(state, **options)
     elif target:
         normalizer = build_normalizer(method, **options)
-        normalizer.fit([read_image(path) for path, _ in expand_inputs(target)])
+        try:
+            files = expand_inputs(target)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(str(error).replace("inputs:", "target:", 1)) from None
+        normalizer.fit([read_image(path) for path, _ in files])
     else:
         raise ValueError("target: expected a target image (--target FILE) or a saved state (--state FILE), got neither")
     return normalizer.to(device).eval()

@@ -87,10 +87,10 @@ class TrainConfig:
         from genpath.config import check_types
 
         blocks = {}
-        for name, cls in (("data", DataSettings), ("train", LoopSettings)):
+        for name, settings in (("data", DataSettings), ("train", LoopSettings)):
             if not isinstance(raw.get(name) or {}, dict):
                 raise ValueError(f"{name}: expected a mapping, got {type(raw[name]).__name__}")
-            blocks[name] = check_types(cls, raw.get(name) or {}, name)
+            blocks[name] = check_types(settings, raw.get(name) or {}, name)
         try:
             data = DataSettings(**blocks["data"])
             train = LoopSettings(**blocks["train"])
