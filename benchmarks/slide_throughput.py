@@ -70,11 +70,11 @@ def baseline_rewrite(slide: Path, out: Path) -> float:
 
 
 def run_cli(slide: Path, out: Path) -> tuple[float, float]:
-    """Run ``genpath normalize`` in a fresh process; returns (seconds, peak RSS in MB)."""
+    """Run ``genpath normalize slides`` in a fresh process; returns (seconds, peak RSS in MB)."""
     code = (
         "import resource, subprocess, sys, time, json\n"
         "t = time.perf_counter()\n"
-        f"r = subprocess.run([{str(Path(sys.executable).parent / 'genpath')!r}, 'normalize', {str(slide)!r},"
+        f"r = subprocess.run([{str(Path(sys.executable).parent / 'genpath')!r}, 'normalize', 'slides', {str(slide)!r},"
         f" '--method', 'macenko', '--target', {str(TARGET)!r}, '--out', {str(out)!r}, '--tile-size', '512',"
         " '--overwrite'], capture_output=True, text=True)\n"
         "dt = time.perf_counter() - t\n"
