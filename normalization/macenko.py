@@ -34,7 +34,8 @@ class MacenkoNormalizer(StainNormalizer):
         **kwargs: shared settings of :class:`~normalization.base.StainNormalizer`.
 
     Example:
-        >>> target = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+        >>> from genpath.io.images import read_image
+        >>> target = read_image("samples/images/he_tiatoolbox_target.png")[:, :128, :128]
         >>> norm = MacenkoNormalizer().fit(target)
         >>> norm(target).dtype
         torch.uint8

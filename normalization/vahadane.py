@@ -34,9 +34,10 @@ class VahadaneNormalizer(StainNormalizer):
         **kwargs: shared settings of :class:`~normalization.base.StainNormalizer`.
 
     Example:
-        >>> target = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+        >>> from genpath.io.images import read_image
+        >>> target = read_image("samples/images/he_tiatoolbox_target.png")[:, :128, :128]
         >>> VahadaneNormalizer().fit(target)(target).shape
-        torch.Size([3, 64, 64])
+        torch.Size([3, 128, 128])
     """
 
     method = "vahadane"
