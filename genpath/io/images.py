@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import glob
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from genpath.utils.atomic import atomic_path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -35,19 +35,13 @@ def write_image(image: torch.Tensor, path: str | Path, quality: int = 95) -> Pat
     """Write a uint8 or float ``(3,H,W)`` tensor atomically (temporary file, then rename)."""
     path = Path(path)
     if image.is_floating_point():
+        if not bool(torch.isfinite(image).all()):
+            raise ValueError(f"image: expected finite values to write {path}, got NaN or infinity")
         image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
     array = image.detach().cpu().permute(1, 2, 0).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        kwargs = {"quality": quality} if path.suffix.lower() in {".jpg", ".jpeg"} else {}
-        Image.fromarray(array).save(tmp, **kwargs)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    kwargs = {"quality": quality} if path.suffix.lower() in {".jpg", ".jpeg"} else {}
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, **kwargs)  # the temporary name keeps the suffix: same format
     return path
 
 
