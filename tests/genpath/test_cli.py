@@ -58,3 +58,19 @@ def test_normalize_errors(tmp_path):
                                  str(bad)])
     # a bad config is one line naming the key (exit code 2), never a traceback
     assert result.exit_code == 2 and "method" in result.output and "Traceback" not in result.output
+
+
+def test_first_command_prints_no_deprecation_noise(tmp_path):
+    """A user's first `genpath normalize` shows no FutureWarning/DeprecationWarning (kornia, diffusers, click)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "genpath"
+    env = {**os.environ, "PYTHONWARNINGS": "default"}  # also show DeprecationWarnings, which Python hides
+    result = subprocess.run([str(exe), "normalize", "tiles", str(SAMPLES / "tiles" / "pcam"), "--target",
+                             str(SAMPLES / "images" / "he_tiatoolbox_target.png"), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr and "warn(" not in result.stderr, result.stderr
