@@ -32,7 +32,7 @@ from genpath.data import shared_data_root
 from genpath.encoders import create_encoder
 from genpath.encoders.reference import load_encoder_reference
 from genpath.metrics.distribution import embed_images, kernel_inception_distance
-from genpath.pipelines.mask_to_image import load_mask_pipeline
+from genpath.pipelines import MaskToImagePipeline
 from genpath.training.mask_data import MaskTileDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def held_out_tiles(sources: list[dict], scale: float, size: int = 64) -> tuple[t
 
 def evaluate(name: str, model: Path, sources: list[dict], scale: float, steps: int, seed: int,
              max_tiles: int | None = None) -> None:
-    pipe = load_mask_pipeline(model)
+    pipe = MaskToImagePipeline.from_pretrained(model)
     encoder = load_encoder_reference(model)
     images, inst, types = held_out_tiles(sources, scale)
     if max_tiles is not None and len(images) > max_tiles:  # evenly spaced over all images

@@ -105,7 +105,7 @@ def main() -> None:
     root = shared_data_root()
     if root is None:
         raise SystemExit("shared data not present (set GENPATH_SHARED_DATA)")
-    histaug = HistAugModel.from_pretrained(str(args.model), torch_dtype=torch.float32).eval()
+    histaug = HistAugModel.from_pretrained(str(args.model), dtype=torch.float32).eval()
     encoder = load_encoder_reference(args.model).eval()
     with open(root / "pcam" / "labels.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

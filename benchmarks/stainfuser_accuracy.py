@@ -31,8 +31,8 @@ from _tiles import load_rgb, tissue_tiles  # noqa: E402
 from classical_accuracy import METHODS, scores  # noqa: E402
 
 from genpath.data import shared_data_root  # noqa: E402
+from genpath.pipelines import StainFuserNormalizer  # noqa: E402
 from genpath.training.data import TileFolderDataset  # noqa: E402
-from normalization import StainFuserNormalizer  # noqa: E402
 from normalization.restain import RestainingSimulator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -36,8 +36,9 @@ from genpath.data import shared_data_root
 from genpath.encoders import create_encoder
 from genpath.io.images import read_image
 from genpath.metrics.distribution import embed_images, frechet_distance, kernel_inception_distance
+from genpath.pipelines import EmbeddingToImagePipeline
 from genpath.pipelines.large_image import generate_large_image, seam_score
-from genpath.synth import load_pipeline, pipeline_encoder
+from genpath.synth import pipeline_encoder
 from genpath.training.data import in_holdout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def main() -> None:
     if root is None:
         raise SystemExit("shared data not present (set GENPATH_SHARED_DATA)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    pipe = load_pipeline(args.model)
+    pipe = EmbeddingToImagePipeline.from_pretrained(args.model)
     encoder = pipeline_encoder(args.model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     with open(root / "pcam" / "labels.csv", newline="") as handle:

@@ -59,7 +59,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     from genpath.models.vae import decode_tiled, encode_tiled, load_vae
-    from genpath.translation.translator import Translator
+    from genpath.pipelines import Translator
     from normalization import ReinhardNormalizer
 
     parser = argparse.ArgumentParser()

@@ -1,4 +1,4 @@
-"""Run configurations: YAML files in ``configs/`` loaded into typed dataclasses.
+r"""Run configurations: YAML files in ``configs/`` loaded into typed dataclasses.
 
 :func:`load_config` reads one file (optionally one top-level section) into a dataclass and
 refuses what would otherwise be silently ignored or crash later: YAML syntax errors, a
@@ -13,7 +13,7 @@ Example:
     ...     steps: int = 10
     >>> import tempfile, pathlib
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.yaml"
-    >>> _ = path.write_text("run:\\n  steps: 20\\n")
+    >>> _ = path.write_text("run:\n  steps: 20\n")
     >>> load_config(path, Run, section="run")
     Run(steps=20)
 """

@@ -9,13 +9,13 @@
    always ``OUT/embeddings.npy`` and ``OUT/manifest.csv`` (one row per sample: id, condition,
    source, seed, model, guidance, steps, file). The manifest is rewritten atomically after each
    batch; a rerun skips the samples it lists, so an interrupted run neither loses nor duplicates.
+
+The pipeline loads with ``EmbeddingToImagePipeline.from_pretrained`` (genpath's one loading path).
 """
 
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genpath.encoders.base import ImageEncoder
+from genpath.encoders.reference import load_encoder_reference
+from genpath.pipelines.embedding_to_image import EmbeddingToImagePipeline
+from genpath.pipelines.loading import check_pretrained_folder
+from genpath.utils.atomic import atomic_path, atomic_write_csv
+from genpath.utils.logging import get_logger
+
+logger = get_logger(__name__)
 MANIFEST_FIELDS = ("id", "condition", "source", "seed", "model", "guidance", "steps", "file")
 
 
@@ -53,29 +61,15 @@ class SynthConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
 
 
-def load_pipeline(model: str | Path):  # noqa: ANN201 - EmbeddingToImagePipeline
-    """Load a saved pipeline folder with a clear error when it is not one."""
-    from genpath.pipelines import EmbeddingToImagePipeline
-
-    folder = Path(model)
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"model: expected an EmbeddingToImagePipeline folder (model_index.json), got {folder}")
-    pipe = EmbeddingToImagePipeline.from_pretrained(str(folder), torch_dtype=torch.float32)  # shipped as fp16
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def pipeline_encoder(model: str | Path):  # noqa: ANN201 - ImageEncoder
-    """Create the encoder recorded in the pipeline's ``encoder.json``."""
-    from genpath.encoders.reference import load_encoder_reference
-
+def pipeline_encoder(model: str | Path) -> ImageEncoder:
+    """Create the encoder recorded in the pipeline's ``encoder.json`` (with a hint when there is none)."""
     try:
         return load_encoder_reference(model)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{error}; pass --embeddings FILE.npy instead") from error
 
 
-def _conditions(cfg: SynthConfig, pipe) -> tuple[torch.Tensor, list[str]]:  # noqa: ANN001
+def _conditions(cfg: SynthConfig, pipe: EmbeddingToImagePipeline) -> tuple[torch.Tensor, list[str]]:
     if cfg.embeddings:
         array = np.load(cfg.embeddings)
         embeddings = torch.as_tensor(array, dtype=torch.float32)
@@ -90,36 +84,29 @@ def _conditions(cfg: SynthConfig, pipe) -> tuple[torch.Tensor, list[str]]:  # no
     return embeddings, [str(p) for p, _ in files]
 
 
-def _read_manifest(path: Path) -> list[dict[str, str]]:
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """Rows of a manifest CSV (none when the file does not exist yet)."""
     if not path.is_file():
         return []
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
 
 
-def _write_manifest(path: Path, rows: list[dict], fields: tuple[str, ...] = MANIFEST_FIELDS) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".csv")
-    with os.fdopen(fd, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Generate (or finish generating) a synthetic dataset; returns the manifest rows."""
-    pipe = load_pipeline(cfg.model)
+    folder = check_pretrained_folder(cfg.model, "model", "EmbeddingToImagePipeline folder")
+    pipe = EmbeddingToImagePipeline.from_pretrained(folder)
     embeddings, sources = _conditions(cfg, pipe)
     f = pipe.vae_scale_factor
     size = cfg.size or pipe.unet.config.sample_size * f
     pipe.check_inputs(embeddings, size, size, cfg.steps, cfg.guidance, "pt")  # fail before any compute
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", embeddings.numpy())
+    with atomic_path(out / "embeddings.npy") as tmp:
+        np.save(tmp, embeddings.numpy())
     n_total = len(sources) * cfg.n_per_condition
     manifest = out / "manifest.csv"
-    rows = _read_manifest(manifest)
+    rows = read_manifest(manifest)
     done = {int(r["id"]) for r in rows}
     images_array = None
     if cfg.output_format == "zarr":
@@ -136,6 +123,8 @@ def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = No
             done, rows = set(), []
         images_array = group["images"]
     todo = [i for i in range(n_total) if i not in done]
+    if done:
+        logger.info("resuming %s: %d of %d samples done, %d to go", out, n_total - len(todo), n_total, len(todo))
     for start in range(0, len(todo), cfg.batch_size):
         ids = todo[start : start + cfg.batch_size]
         conds = [i // cfg.n_per_condition for i in ids]
@@ -156,7 +145,7 @@ def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = No
             rows.append({"id": sample_id, "condition": cond, "source": sources[cond], "seed": cfg.seed + sample_id,
                          "model": str(cfg.model), "guidance": cfg.guidance, "steps": cfg.steps, "file": file})
         rows.sort(key=lambda r: int(r["id"]))
-        _write_manifest(manifest, rows)
+        atomic_write_csv(manifest, rows, MANIFEST_FIELDS)
         if progress:
             progress(len(rows), n_total)
     return rows

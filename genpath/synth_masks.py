@@ -9,12 +9,13 @@
    ``(N,3,H,W)`` uint8, ``instances``/``types`` ``(N,H,W)`` int32, one chunk per sample) or
    ``OUT/images/*.png`` + ``OUT/masks/*.npz``; ``OUT/manifest.csv`` is rewritten atomically per
    batch and a rerun skips what it lists.
+
+The pipeline loads with ``MaskToImagePipeline.from_pretrained`` (a full pipeline folder or a
+ControlNet folder with ``base.json``).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genpath.synth import _read_manifest, _write_manifest
+from genpath.encoders.reference import load_encoder_reference
+from genpath.io.images import expand_inputs, read_image, write_image
+from genpath.masks import check_masks
+from genpath.pipelines.loading import check_pretrained_folder
+from genpath.pipelines.mask_to_image import MaskToImagePipeline
+from genpath.synth import read_manifest
+from genpath.utils.atomic import atomic_path, atomic_write_csv
+from genpath.utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 MASK_MANIFEST_FIELDS = ("id", "mask", "mask_source", "style", "seed", "model", "controlnet_scale", "guidance",
                         "steps", "file", "mask_file")
@@ -108,21 +118,14 @@ def tile_masks(masks: list[tuple[str, torch.Tensor, torch.Tensor | None]], tile:
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    np.savez_compressed(tmp, **arrays)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # keeps the .npz suffix, so numpy adds none
+        np.savez_compressed(tmp, **arrays)
 
 
 def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Generate (or finish generating) an (image, mask) dataset; returns the manifest rows."""
-    from genpath.masks import check_masks
-    from genpath.pipelines.mask_to_image import load_mask_pipeline
-
-    folder = Path(cfg.model)
-    pipe = load_mask_pipeline(folder)
+    folder = check_pretrained_folder(cfg.model, "model", "MaskToImagePipeline or ControlNet folder")
+    pipe = MaskToImagePipeline.from_pretrained(folder)
     masks = tile_masks(load_mask_files(cfg.masks), cfg.tile)
     shapes = {tuple(m[1].shape) for m in masks}
     if len(shapes) != 1:
@@ -132,9 +135,6 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
         pipe.check_inputs(inst, types, None, cfg.steps, cfg.guidance, cfg.controlnet_scale)
     styles, style_names = None, []
     if cfg.style_from:
-        from genpath.encoders.reference import load_encoder_reference
-        from genpath.io.images import expand_inputs, read_image
-
         encoder = load_encoder_reference(folder)
         files = expand_inputs(cfg.style_from)
         with torch.no_grad():
@@ -144,7 +144,7 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
     out.mkdir(parents=True, exist_ok=True)
     n_total = len(masks) * cfg.n_per_mask
     manifest = out / "manifest.csv"
-    rows = _read_manifest(manifest)
+    rows = read_manifest(manifest)
     done = {int(r["id"]) for r in rows}
     arrays = None
     if cfg.output_format == "zarr":
@@ -158,6 +158,8 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
             done, rows = set(), []
         arrays = group
     todo = [i for i in range(n_total) if i not in done]
+    if done:
+        logger.info("resuming %s: %d of %d samples done, %d to go", out, n_total - len(todo), n_total, len(todo))
     for start in range(0, len(todo), cfg.batch_size):
         ids = todo[start : start + cfg.batch_size]
         mask_ids = [i // cfg.n_per_mask for i in ids]
@@ -178,8 +180,6 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
                 arrays["types"][sample_id] = types[j].numpy().astype(np.int32)
                 file, mask_file = f"pairs.zarr/images[{sample_id}]", f"pairs.zarr/instances[{sample_id}]"
             else:
-                from genpath.io.images import write_image
-
                 file, mask_file = f"images/{sample_id:06d}.png", f"masks/{sample_id:06d}.npz"
                 _save_npz(out / mask_file, instances=inst[j].numpy().astype(np.int32),
                           types=types[j].numpy().astype(np.int32))
@@ -190,7 +190,7 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
                          "controlnet_scale": cfg.controlnet_scale, "guidance": cfg.guidance, "steps": cfg.steps,
                          "file": file, "mask_file": mask_file})
         rows.sort(key=lambda r: int(r["id"]))
-        _write_manifest(manifest, rows, MASK_MANIFEST_FIELDS)
+        atomic_write_csv(manifest, rows, MASK_MANIFEST_FIELDS)
         if progress:
             progress(len(rows), n_total)
     return rows

@@ -244,7 +244,7 @@ class StainNormalizer(nn.Module):
     def fit_slide(
         self, images: torch.Tensor, mask: torch.Tensor | None = None
     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The slide engine's hook (:class:`genpath.wsi.hooks.SlideFitter`): one map for a whole slide.
+        """Fit one map for a whole slide: the slide engine's hook (:class:`genpath.wsi.hooks.SlideFitter`).
 
         Args:
             images: tissue windows ``(B,3,h,w)`` sampled over the slide, or its low-resolution

@@ -75,10 +75,8 @@ class NormalizeConfig:
     def slide_mode(self) -> bool:
         return self.output_format in ("tiff", "ome-zarr")
 
-    def slide_options(self):  # noqa: ANN201 - SlideOptions (imported lazily)
+    def slide_options(self) -> SlideOptions:
         """Return the slide block as validated :class:`genpath.wsi.SlideOptions`."""
-        from normalization.slide import SlideOptions
-
         known = {f.name for f in dataclasses.fields(SlideOptions)} - {"output_format", "batch_size"}
         unknown = sorted(set(self.slide) - known)
         if unknown:

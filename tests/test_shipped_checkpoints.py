@@ -22,9 +22,10 @@ def test_vae_small_reconstructs_real_tiles():
 
 
 def test_ldm_small_generates_from_a_real_tile_embedding():
-    from genpath.synth import load_pipeline, pipeline_encoder
+    from genpath.pipelines import EmbeddingToImagePipeline
+    from genpath.synth import pipeline_encoder
 
-    pipe = load_pipeline(CK / "ldm_small")
+    pipe = EmbeddingToImagePipeline.from_pretrained(CK / "ldm_small")
     encoder = pipeline_encoder(CK / "ldm_small")
     with torch.no_grad():
         emb = encoder(read_image(PCAM[0])[None])
@@ -33,7 +34,7 @@ def test_ldm_small_generates_from_a_real_tile_embedding():
 
 
 def test_stainfuser_small_normalizes_and_keeps_white_tiles():
-    from normalization import StainFuserNormalizer
+    from genpath.pipelines import StainFuserNormalizer
 
     target = read_image(ROOT / "samples" / "images" / "he_tiatoolbox_target.png")[:, :256, :256]
     norm = StainFuserNormalizer(CK / "stainfuser_small", num_inference_steps=1).fit(target)
@@ -44,9 +45,9 @@ def test_stainfuser_small_normalizes_and_keeps_white_tiles():
 
 
 def test_controlnet_hgsc_generates_from_the_shipped_masks():
-    from genpath.pipelines.mask_to_image import load_mask_pipeline
+    from genpath.pipelines import MaskToImagePipeline
 
-    pipe = load_mask_pipeline(CK / "controlnet_hgsc")
+    pipe = MaskToImagePipeline.from_pretrained(CK / "controlnet_hgsc")
     data = np.load(ROOT / "samples" / "masks" / "hgsc_nest_heldout_tiles.npz")
     inst, types = torch.from_numpy(data["instances"][:2]), torch.from_numpy(data["types"][:2])
     images = pipe(inst, types, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
@@ -64,3 +65,18 @@ def test_histaug_small_augments_embeddings_of_its_encoder():
     out = HistAugTransform(CK / "histaug_small", p=1.0)(bag)
     assert out.shape == bag.shape and torch.isfinite(out).all() and not torch.equal(out, bag)
     assert torch.equal(HistAugTransform(CK / "histaug_small", p=0.0)(bag), bag)
+
+
+def test_shipped_pipelines_load_through_one_quiet_path():
+    import warnings
+
+    from genpath.pipelines import EmbeddingToImagePipeline, MaskToImagePipeline, StainTransferPipeline
+
+    for cls, name in ((EmbeddingToImagePipeline, "ldm_small"), (StainTransferPipeline, "stainfuser_small"),
+                      (MaskToImagePipeline, "controlnet_hgsc")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # fp16 -> float32 through dtype=, no deprecation warning
+            pipe = cls.from_pretrained(CK / name)
+        assert type(pipe) is cls and pipe._progress_bar_config == {"disable": True}
+        assert all(p.dtype == torch.float32 for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                   for p in m.parameters())

@@ -34,8 +34,9 @@ def synth_large_image(
         ValueError: not exactly one of ``from_region`` / ``embeddings``, a region smaller than one
             tile, or ``out`` naming an input.
     """
+    from genpath.pipelines import EmbeddingToImagePipeline
     from genpath.pipelines.large_image import generate_large_image, seam_score
-    from genpath.synth import load_pipeline, pipeline_encoder
+    from genpath.synth import pipeline_encoder
 
     out = Path(out)
     if (from_region is None) == (embeddings is None):
@@ -44,7 +45,7 @@ def synth_large_image(
     for source in (from_region, embeddings):
         if source is not None and {out.resolve(), out.with_suffix(".json").resolve()} & {Path(source).resolve()}:
             raise ValueError(f"out: writing {out} (and its .json) would overwrite the input {source}")
-    pipe = load_pipeline(model)
+    pipe = EmbeddingToImagePipeline.from_pretrained(model)
     tile = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if embeddings is not None:
         grid = torch.as_tensor(np.load(embeddings, allow_pickle=False), dtype=torch.float32)

@@ -1,6 +1,6 @@
 """``genpath translate``: H&E → IHC for image tiles and whole slides.
 
-1. Load the translator folder once (:class:`~genpath.translation.translator.Translator`).
+1. Load the translator folder once (:class:`~genpath.pipelines.Translator`).
 2. Tiles (PNG/JPEG/TIFF images): translate each (any size), write ``OUT/<name>.<format>``
    atomically and ``OUT/manifest.json``; an unreadable image becomes a ``failed`` row.
 3. Slides (anything :func:`~genpath.io.slide.open_slide` reads): stream overlapping windows

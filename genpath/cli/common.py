@@ -44,7 +44,7 @@ def user_errors(function: F) -> F:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
-    """A progress bar on a terminal (silent otherwise); yields ``update(completed=, total=, advance=)``."""
+    """Show a progress bar on a terminal (silent otherwise); yields ``update(completed=, total=, advance=)``."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task(description, total=total)

@@ -94,7 +94,7 @@ def auto(inputs: Inputs, out: Out, method: Method = None, model: Model = None, t
          overlap: Overlap = None, level: Level = None, mpp: Mpp = None, compression: Compression = None,
          resume: Resume = None, skip_errors: SkipErrors = None, workers: Workers = None,
          executor: Executor = None, scheduler: Scheduler = None) -> None:
-    """The old form: slides when any input is a slide (or --format is tiff/ome-zarr), else tiles."""
+    """Run the old form: slides when any input is a slide (or --format is tiff/ome-zarr), else tiles."""
     from genpath.apps.normalize import detect_mode, resolve_normalize_config
 
     console.print(_NOTICE, style="yellow", highlight=False)

@@ -25,7 +25,7 @@ BatchSize = Annotated[int, typer.Option(help="Slides: windows per call.")]
 
 
 def _translator(model: Path, steps: int, seed: int):  # noqa: ANN202 - a Translator
-    from genpath.translation.translator import Translator
+    from genpath.pipelines import Translator
 
     return Translator(model, num_inference_steps=steps, seed=seed)
 
@@ -69,7 +69,7 @@ def auto(inputs: Inputs, model: Model, out: Out, steps: Steps = 4, seed: Seed = 
          output_format: Annotated[str | None, typer.Option("--format", help="Tiles: png, jpg, tif, same; "
                                                            "slides: tiff or ome-zarr.")] = None,
          tile_size: TileSize = 512, overlap: Overlap = 32, level: Level = 0, batch_size: BatchSize = 8) -> None:
-    """The old form: slides when any input is a slide, else tiles."""
+    """Run the old form: slides when any input is a slide, else tiles."""
     from genpath.cli.common import console
     from genpath.wsi import inputs_hold_slides
 

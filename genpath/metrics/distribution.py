@@ -47,7 +47,7 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
         raise ValueError(f"fake: expected {real.shape[1]} feature dimensions, got {fake.shape[1]}")
     mu1, mu2 = real.mean(0), fake.mean(0)
     s1, s2 = np.atleast_2d(np.cov(real, rowvar=False)), np.atleast_2d(np.cov(fake, rowvar=False))
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
         offset = np.eye(s1.shape[0]) * 1e-6
         covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))

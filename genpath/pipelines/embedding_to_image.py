@@ -2,23 +2,44 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from genpath.models.conditioning import EmbeddingProjector
 from genpath.models.vae import decode_tiled, downsampling_factor
+from genpath.pipelines.loading import GenpathPipelineMixin
+from genpath.pipelines.noise import GeneratorLike, check_generator
+
+OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 
 
-class EmbeddingToImagePipeline(DiffusionPipeline):
+@dataclass
+class EmbeddingToImagePipelineOutput(BaseOutput):
+    """Output of :class:`EmbeddingToImagePipeline`.
+
+    Attributes:
+        images: float ``(B,3,H,W)`` in [0, 1] (``"pt"``), a ``(B,H,W,3)`` array (``"np"``), a list
+            of PIL images (``"pil"``) or the final latents ``(B,C,h,w)`` (``"latent"``).
+    """
+
+    images: torch.Tensor | np.ndarray | list[Any]
+
+
+class EmbeddingToImagePipeline(GenpathPipelineMixin, DiffusionPipeline):
     """Generate tiles conditioned on encoder embeddings, with classifier-free guidance.
 
     Components: ``vae`` (``AutoencoderKL``), ``unet`` (``UNet2DConditionModel`` over latents),
     ``projector`` (:class:`~genpath.models.conditioning.EmbeddingProjector`) and any diffusers
-    ``scheduler`` (DDIM and DPM-Solver are tested). Save and load with
-    ``save_pretrained``/``from_pretrained`` (safetensors).
+    ``scheduler`` (DDIM and DPM-Solver are tested). Save with ``save_pretrained``; load with
+    ``from_pretrained`` (:class:`~genpath.pipelines.loading.GenpathPipelineMixin`: local,
+    float32, checked).
 
     Example:
         >>> images = pipe(embeddings, num_inference_steps=20, guidance_scale=2.0,
@@ -42,9 +63,22 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
     def vae_scale_factor(self) -> int:
         return downsampling_factor(self.vae)
 
+    def check_components(self) -> None:
+        """Raise a ``ValueError`` when the parts do not fit together (a mismatched checkpoint)."""
+        c = self.vae.config.latent_channels
+        if self.unet.config.in_channels != c or self.unet.config.out_channels != c:
+            raise ValueError(f"unet: expected in/out channels {c}/{c} for a {c}-channel VAE, "
+                             f"got {self.unet.config.in_channels}/{self.unet.config.out_channels}")
+        if self.unet.config.cross_attention_dim != self.projector.config.cross_attention_dim:
+            raise ValueError(
+                f"projector: expected cross_attention_dim {self.unet.config.cross_attention_dim} (the UNet's), "
+                f"got {self.projector.config.cross_attention_dim}"
+            )
+
     def check_inputs(self, embeddings: torch.Tensor, height: int, width: int, num_inference_steps: int,
-                     guidance_scale: float, output_type: str) -> None:
+                     guidance_scale: float, output_type: str, generator: GeneratorLike = None) -> None:
         """Validate everything before any compute is spent."""
+        self.check_components()
         self.projector.check_embeddings(embeddings)
         f = self.vae_scale_factor
         if height <= 0 or width <= 0 or height % f or width % f:
@@ -53,13 +87,9 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps: expected at least 1, got {num_inference_steps}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale: expected >= 0 (1 = no guidance), got {guidance_scale}")
-        if output_type not in ("pt", "np", "pil", "latent"):
+        if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected pt, np, pil or latent, got {output_type!r}")
-        if self.unet.config.cross_attention_dim != self.projector.config.cross_attention_dim:
-            raise ValueError(
-                f"projector: expected cross_attention_dim {self.unet.config.cross_attention_dim} (the UNet's), "
-                f"got {self.projector.config.cross_attention_dim}"
-            )
+        check_generator(generator, embeddings.shape[0])
 
     @torch.no_grad()
     def __call__(
@@ -69,11 +99,12 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
         width: int | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 2.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        generator: GeneratorLike = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pt",
         decode_tile: int | None = None,
-    ):  # noqa: ANN204 - an ImagePipelineOutput-like object
+        return_dict: bool = True,
+    ) -> EmbeddingToImagePipelineOutput | tuple:
         """Generate one image per embedding.
 
         Args:
@@ -82,21 +113,21 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
             width: output width in pixels (same default).
             num_inference_steps: scheduler steps.
             guidance_scale: classifier-free guidance weight; 1 disables guidance (no null pass).
-            generator: torch generator(s) for the initial noise (one per image for per-image seeds).
+            generator: torch generator(s) for the initial noise (a list: one per image, so an
+                image does not depend on its batch); None draws fresh noise.
             latents: initial noise ``(B,C,h,w)`` instead of sampling it.
             output_type: ``"pt"`` (float ``(B,3,H,W)`` in [0, 1]), ``"np"``, ``"pil"`` or ``"latent"``.
             decode_tile: decode in blended tiles of this many pixels (large images).
+            return_dict: return an :class:`EmbeddingToImagePipelineOutput` (else a tuple ``(images,)``).
 
         Returns:
-            An object with ``.images``.
+            An :class:`EmbeddingToImagePipelineOutput` with ``.images``.
         """
-        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-
         # 1. defaults and checks
         f = self.vae_scale_factor
         height = height or self.unet.config.sample_size * f
         width = width or self.unet.config.sample_size * f
-        self.check_inputs(embeddings, height, width, num_inference_steps, guidance_scale, output_type)
+        self.check_inputs(embeddings, height, width, num_inference_steps, guidance_scale, output_type, generator)
         device, batch = self._execution_device, embeddings.shape[0]
 
         # 2. conditioning tokens (and null tokens for guidance)
@@ -124,15 +155,18 @@ class EmbeddingToImagePipeline(DiffusionPipeline):
                 noise = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(noise, t, latents).prev_sample
 
-        # 5. decode
+        # 5. decode and convert
         if output_type == "latent":
-            return ImagePipelineOutput(images=latents)
-        images = decode_tiled(self.vae, latents, tile=decode_tile)
-        if output_type == "np":
-            images = images.permute(0, 2, 3, 1).cpu().numpy()
-        elif output_type == "pil":
-            from PIL import Image
+            images = latents
+        else:
+            images = decode_tiled(self.vae, latents, tile=decode_tile)
+            if output_type == "np":
+                images = images.permute(0, 2, 3, 1).cpu().numpy()
+            elif output_type == "pil":
+                from PIL import Image
 
-            arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-            images = [Image.fromarray(a) for a in arrays]
-        return ImagePipelineOutput(images=images)
+                arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+                images = [Image.fromarray(a) for a in arrays]
+        if not return_dict:
+            return (images,)
+        return EmbeddingToImagePipelineOutput(images=images)

@@ -5,25 +5,31 @@
 source latents (posterior mean) and predicts the clean IHC latents (``prediction_type="sample"``),
 sampled by a deterministic trailing DDIM (1-4 steps). Content by concatenation, as the stain
 normalizer: the output is pixel-aligned with the input, and no ControlNet copy is needed for a
-UNet trained from scratch. The initial noise is one ``(1,C,h,w)`` draw from ``seed`` shared by
-every tile, so outputs do not depend on the batch (batch-invariant).
+UNet trained from scratch. The initial noise is one ``(1,C,h,w)`` draw from ``generator`` shared
+by every tile, so outputs do not depend on the batch (batch-invariant).
 
 :class:`GeneratorTranslationPipeline` (the one-step baseline): a
 :class:`~genpath.translation.networks.ResnetTranslator` trained with LSGAN + PatchNCE + ASP +
 Gaussian-pyramid L1 (:mod:`genpath.training.translator`). Same call signature.
 
-Both subclass ``DiffusionPipeline`` (``save_pretrained``/``from_pretrained``, ``model_index.json``)
-and record the stains they translate between in their config.
+Both derive from :class:`ImageTranslationPipeline` (``save_pretrained``; ``from_pretrained``
+through :class:`~genpath.pipelines.loading.GenpathPipelineMixin`, so
+``ImageTranslationPipeline.from_pretrained(folder)`` loads either kind) and record the stains
+they translate between in their config.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DModel
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import BaseOutput
 
 from genpath.image_tensor import to_float_batch
 from genpath.models.vae import decode_tiled, downsampling_factor, encode_tiled
+from genpath.pipelines.loading import GenpathPipelineMixin
+from genpath.pipelines.noise import GeneratorLike, check_generator, shared_noise
 from genpath.translation.networks import ResnetTranslator
 
 
@@ -33,14 +39,49 @@ def _check_size(rgb: torch.Tensor, factor: int, name: str = "images") -> None:
                          f"got {rgb.shape[-2]}x{rgb.shape[-1]}")
 
 
-class LatentTranslationPipeline(DiffusionPipeline):
+@dataclass
+class LatentTranslationPipelineOutput(BaseOutput):
+    """Output of :class:`LatentTranslationPipeline`.
+
+    Attributes:
+        images: translated tiles, float ``(B,3,H,W)`` in [0, 1] (``"pt"``), or the final latents (``"latent"``).
+    """
+
+    images: torch.Tensor
+
+
+@dataclass
+class GeneratorTranslationPipelineOutput(BaseOutput):
+    """Output of :class:`GeneratorTranslationPipeline`.
+
+    Attributes:
+        images: translated tiles, float ``(B,3,H,W)`` in [0, 1].
+    """
+
+    images: torch.Tensor
+
+
+class ImageTranslationPipeline(GenpathPipelineMixin, DiffusionPipeline):
+    """Base of the H&E → IHC pipelines: ``from_pretrained`` on it loads either kind.
+
+    Subclasses provide ``size_multiple`` (input sides must be multiples of it), ``check_components``
+    and ``__call__(images, num_inference_steps, generator, output_type, return_dict)``.
+    """
+
+    @property
+    def size_multiple(self) -> int:
+        raise NotImplementedError
+
+
+class LatentTranslationPipeline(ImageTranslationPipeline):
     """Few-step latent diffusion from a source stain (H&E) to a target stain (IHC).
 
     Components: ``vae`` (``AutoencoderKL`` shared by both stains), ``unet`` (``UNet2DModel`` with
     ``in_channels = 2 × latent channels``) and ``scheduler`` (a DDIM with ``prediction_type="sample"``).
 
     Example:
-        >>> out = pipe(he_tiles, num_inference_steps=4, seed=0).images  # doctest: +SKIP
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> out = pipe(he_tiles, num_inference_steps=4, generator=generator).images  # doctest: +SKIP
     """
 
     model_cpu_offload_seq = "unet->vae"
@@ -70,7 +111,8 @@ class LatentTranslationPipeline(DiffusionPipeline):
             raise ValueError(f"scheduler: expected prediction_type 'sample' (x0), "
                              f"got {self.scheduler.config.prediction_type!r}")
 
-    def check_inputs(self, rgb: torch.Tensor, num_inference_steps: int, output_type: str) -> None:
+    def check_inputs(self, rgb: torch.Tensor, num_inference_steps: int, output_type: str,
+                     generator: GeneratorLike = None) -> None:
         """Validate everything before any compute is spent."""
         self.check_components()
         _check_size(rgb, self.size_multiple)
@@ -78,24 +120,28 @@ class LatentTranslationPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps: expected at least 1, got {num_inference_steps}")
         if output_type not in ("pt", "latent"):
             raise ValueError(f"output_type: expected 'pt' or 'latent', got {output_type!r}")
+        check_generator(generator, rgb.shape[0])
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, num_inference_steps: int = 4, seed: int = 0,
-                 output_type: str = "pt") -> ImagePipelineOutput:
+    def __call__(self, images: torch.Tensor, num_inference_steps: int = 4, generator: GeneratorLike = None,
+                 output_type: str = "pt", return_dict: bool = True) -> LatentTranslationPipelineOutput | tuple:
         """Translate ``images`` (uint8 or float RGB, ``(B,3,H,W)``/``(3,H,W)``).
 
         Args:
             images: source tiles; sides divisible by :attr:`size_multiple`.
             num_inference_steps: DDIM steps (1-4 for speed, 20 for reference quality).
-            seed: seed of the initial noise, one draw shared by every tile (batch-invariant).
+            generator: the initial noise's generator: one draw shared by every tile
+                (batch-invariant); a list gives each tile its own draw; None is
+                ``torch.Generator().manual_seed(0)`` (deterministic by default).
             output_type: ``"pt"`` (float ``(B,3,H,W)`` in [0, 1]) or ``"latent"``.
+            return_dict: return a :class:`LatentTranslationPipelineOutput` (else a tuple ``(images,)``).
 
         Returns:
-            An ``ImagePipelineOutput`` with ``.images``.
+            A :class:`LatentTranslationPipelineOutput` with ``.images``.
         """
         # 1. checks
         rgb, _ = to_float_batch(images, "images")
-        self.check_inputs(rgb, num_inference_steps, output_type)
+        self.check_inputs(rgb, num_inference_steps, output_type, generator)
         device = self._execution_device
         rgb = rgb.to(device, torch.float32)
 
@@ -103,9 +149,8 @@ class LatentTranslationPipeline(DiffusionPipeline):
         source = encode_tiled(self.vae, rgb)
 
         # 3. shared initial noise
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        noise = torch.randn((1, *source.shape[1:]), generator=generator).to(source)
-        latents = noise.expand_as(source) * self.scheduler.init_noise_sigma
+        latents = shared_noise(tuple(source.shape), generator, source.device, source.dtype)
+        latents = latents * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=device)
 
         # 4. denoise: x0 predictions, deterministic DDIM
@@ -115,12 +160,13 @@ class LatentTranslationPipeline(DiffusionPipeline):
             latents = self.scheduler.step(pred, t, latents, eta=0.0).prev_sample
 
         # 5. decode
-        if output_type == "latent":
-            return ImagePipelineOutput(images=latents)
-        return ImagePipelineOutput(images=decode_tiled(self.vae, latents, tile=512).clamp(0, 1))
+        out = latents if output_type == "latent" else decode_tiled(self.vae, latents, tile=512).clamp(0, 1)
+        if not return_dict:
+            return (out,)
+        return LatentTranslationPipelineOutput(images=out)
 
 
-class GeneratorTranslationPipeline(DiffusionPipeline):
+class GeneratorTranslationPipeline(ImageTranslationPipeline):
     """One-step translation with a :class:`ResnetTranslator` (the GAN + ASP baseline).
 
     Example:
@@ -137,15 +183,43 @@ class GeneratorTranslationPipeline(DiffusionPipeline):
         return self.translator.factor
 
     def check_components(self) -> None:
+        """Raise a ``ValueError`` unless ``translator`` is a :class:`ResnetTranslator`."""
         if not isinstance(self.translator, ResnetTranslator):
             raise ValueError(f"translator: expected a ResnetTranslator, got {type(self.translator).__name__}")
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, num_inference_steps: int = 1, seed: int = 0,
-                 output_type: str = "pt") -> ImagePipelineOutput:
-        """Translate ``images``; ``num_inference_steps`` and ``seed`` are accepted for a common interface."""
-        rgb, _ = to_float_batch(images, "images")
+    def check_inputs(self, rgb: torch.Tensor, num_inference_steps: int, output_type: str,
+                     generator: GeneratorLike = None) -> None:
+        """Validate everything before any compute is spent."""
+        self.check_components()
         _check_size(rgb, self.size_multiple)
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps: expected at least 1, got {num_inference_steps}")
         if output_type != "pt":
             raise ValueError(f"output_type: expected 'pt', got {output_type!r}")
-        return ImagePipelineOutput(images=self.translator(rgb.to(self._execution_device, torch.float32)))
+        check_generator(generator, rgb.shape[0])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, num_inference_steps: int = 1, generator: GeneratorLike = None,
+                 output_type: str = "pt", return_dict: bool = True) -> GeneratorTranslationPipelineOutput | tuple:
+        """Translate ``images``; ``num_inference_steps`` and ``generator`` are accepted for a common interface.
+
+        Args:
+            images: source tiles, uint8 or float RGB ``(B,3,H,W)``/``(3,H,W)``; sides divisible by
+                :attr:`size_multiple`.
+            num_inference_steps: unused (one step).
+            generator: unused (deterministic).
+            output_type: ``"pt"``.
+            return_dict: return a :class:`GeneratorTranslationPipelineOutput` (else a tuple ``(images,)``).
+
+        Returns:
+            A :class:`GeneratorTranslationPipelineOutput` with ``.images``.
+        """
+        # 1. checks
+        rgb, _ = to_float_batch(images, "images")
+        self.check_inputs(rgb, num_inference_steps, output_type, generator)
+
+        # 2. one forward pass
+        out = self.translator(rgb.to(self._execution_device, torch.float32))
+        if not return_dict:
+            return (out,)
+        return GeneratorTranslationPipelineOutput(images=out)

@@ -19,22 +19,32 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from genpath.models.vae import decode_tiled
+from genpath.tiling import feather_weights
 
 
 @dataclass
-class LargeImageResult:
-    """Output of :func:`generate_large_image`."""
+class LargeImagePipelineOutput(BaseOutput):
+    """Output of :func:`generate_large_image`.
 
-    images: torch.Tensor  # (1,3,H,W) float in [0, 1]
-    unet_pixels: int  # latent pixels sent through the UNet (per guidance branch)
-    tile_pixels: int  # what non-overlapping tiles would cost
+    Attributes:
+        images: the image, float ``(1,3,H,W)`` in [0, 1].
+        unet_pixels: latent pixels sent through the UNet (per guidance branch).
+        tile_pixels: what non-overlapping tiles would cost.
+        unet_calls: UNet forward passes (per guidance branch).
+    """
+
+    images: torch.Tensor
+    unet_pixels: int
+    tile_pixels: int
     unet_calls: int
 
     @property
     def cost_ratio(self) -> float:
+        """UNet pixels over those of plain non-overlapping tiles (1.0 for ``"shifted"``)."""
         return self.unet_pixels / self.tile_pixels
 
 
@@ -52,8 +62,6 @@ def _windows(size_h: int, size_w: int, tile: int, stride: int, offset: tuple[int
 
 
 def _weights(h: int, w: int, overlap: int, device: torch.device) -> torch.Tensor:
-    from genpath.tiling import feather_weights
-
     wy = torch.from_numpy(feather_weights(h, overlap // 2)) if overlap else torch.ones(h)
     wx = torch.from_numpy(feather_weights(w, overlap // 2)) if overlap else torch.ones(w)
     return (wy[:, None] * wx[None, :]).to(device)
@@ -69,7 +77,8 @@ def generate_large_image(
     mode: str = "shifted",
     overlap: int | None = None,
     decode_tile: int | None = None,
-) -> LargeImageResult:
+    return_dict: bool = True,
+) -> LargeImagePipelineOutput | tuple:
     """Generate one large image whose ``(gh, gw)`` tiles follow ``embedding_grid`` ``(gh, gw, D)``.
 
     Args:
@@ -77,18 +86,24 @@ def generate_large_image(
         embedding_grid: one embedding per output tile (tile = the UNet's sample size).
         num_inference_steps: scheduler steps.
         guidance_scale: classifier-free guidance (1 = off).
-        generator: seeds the canvas noise and the per-step window offsets.
+        generator: seeds the canvas noise and the per-step window offsets (one generator; None:
+            fresh noise, offsets from seed 0).
         mode: ``"shifted"`` (default, 1.0× cost) or ``"overlap"`` (MultiDiffusion averaging).
         overlap: latent pixels of overlap for ``"overlap"`` (default: a quarter tile).
         decode_tile: pixel tile of the blended tiled decode (default: 2 tiles).
+        return_dict: return a :class:`LargeImagePipelineOutput` (else the tuple
+            ``(images, unet_pixels, tile_pixels, unet_calls)``).
 
     Returns:
-        A :class:`LargeImageResult` with the image and its cost against plain tiles.
+        A :class:`LargeImagePipelineOutput` with the image and its cost against plain tiles.
     """
+    # 1. checks
     if embedding_grid.ndim != 3:
         raise ValueError(f"embedding_grid: expected (gh, gw, D), got shape {tuple(embedding_grid.shape)}")
     if mode not in ("shifted", "overlap"):
         raise ValueError(f"mode: expected 'shifted' or 'overlap', got {mode!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: expected one torch.Generator (one canvas), got {type(generator).__name__}")
     gh, gw, d = embedding_grid.shape
     tile = pipe.unet.config.sample_size
     f = pipe.vae_scale_factor
@@ -96,6 +111,8 @@ def generate_large_image(
     pipe.check_inputs(embedding_grid.reshape(-1, d), tile * f, tile * f, num_inference_steps, guidance_scale, "pt")
     device = pipe._execution_device
     height, width = gh * tile, gw * tile
+
+    # 2. tokens of every grid cell, canvas noise, window schedule
     tokens = pipe.projector(embedding_grid.reshape(-1, d).to(device))  # (gh·gw, T, C)
     null = pipe.projector.null_tokens(1).to(tokens)
     do_cfg = guidance_scale != 1.0
@@ -110,6 +127,8 @@ def generate_large_image(
         stride = tile - overlap
     else:
         overlap, stride = 0, tile
+
+    # 3. denoise the canvas window by window, the window grid moving every step
     unet_pixels, calls = 0, 0
     for t in pipe.scheduler.timesteps:
         if mode == "shifted":
@@ -141,8 +160,13 @@ def generate_large_image(
             unet_pixels += len(boxes) * h * w
             calls += 1
         latents = pipe.scheduler.step(noise / weight, t, latents).prev_sample
+
+    # 4. blended tiled decode
     images = decode_tiled(pipe.vae, latents, tile=decode_tile or 2 * tile * f)
-    return LargeImageResult(images, unet_pixels, num_inference_steps * height * width, calls)
+    result = (images, unet_pixels, num_inference_steps * height * width, calls)
+    if not return_dict:
+        return result
+    return LargeImagePipelineOutput(*result)
 
 
 def seam_score(image: torch.Tensor, tile: int) -> float:

@@ -5,21 +5,38 @@ A diffusers ``ControlNetModel`` made from the embedding-conditioned LDM's UNet
 output convolutions) reads the mask's conditioning image (:func:`~genpath.masks.masks_to_conditioning`)
 and adds residuals to the frozen UNet. The embedding tokens set style and context; without
 embeddings the learned null tokens are used (unconditional style).
+
+Two folder layouts load through the same ``MaskToImagePipeline.from_pretrained``: a full
+``save_pretrained`` folder, or a ControlNet shipped apart from its base model (ControlNet
+weights + ``base.json``, written by :func:`export_controlnet`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from genpath.encoders.reference import copy_encoder_reference
 from genpath.masks import check_masks, conditioning_channels, masks_to_conditioning
 from genpath.models.conditioning import EmbeddingProjector
 from genpath.models.vae import decode_tiled, downsampling_factor
+from genpath.pipelines.embedding_to_image import EmbeddingToImagePipeline
+from genpath.pipelines.loading import ARGUMENT, GenpathPipelineMixin, check_pretrained_folder
+from genpath.pipelines.noise import GeneratorLike, check_generator
+from genpath.utils.atomic import atomic_directory
+from genpath.utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 
 def controlnet_from_unet(unet: UNet2DConditionModel, vae_factor: int, num_types: int) -> ControlNetModel:
@@ -32,7 +49,18 @@ def controlnet_from_unet(unet: UNet2DConditionModel, vae_factor: int, num_types:
                                      conditioning_channels=conditioning_channels(num_types))
 
 
-class MaskToImagePipeline(DiffusionPipeline):
+@dataclass
+class MaskToImagePipelineOutput(BaseOutput):
+    """Output of :class:`MaskToImagePipeline`.
+
+    Attributes:
+        images: float ``(B,3,H,W)`` in [0, 1] (``"pt"``) or the final latents (``"latent"``).
+    """
+
+    images: torch.Tensor
+
+
+class MaskToImagePipeline(GenpathPipelineMixin, DiffusionPipeline):
     """Generate tiles whose nuclei follow instance/type masks.
 
     Components: ``vae``, ``unet`` and ``projector`` (from an
@@ -40,6 +68,7 @@ class MaskToImagePipeline(DiffusionPipeline):
     ``scheduler``; config ``num_types`` (nucleus classes in the type maps).
 
     Example:
+        >>> pipe = MaskToImagePipeline.from_pretrained("samples/checkpoints/controlnet_hgsc")  # doctest: +SKIP
         >>> out = pipe(instances, types, embeddings=emb, controlnet_conditioning_scale=1.0).images  # doctest: +SKIP
     """
 
@@ -57,15 +86,62 @@ class MaskToImagePipeline(DiffusionPipeline):
     def vae_scale_factor(self) -> int:
         return downsampling_factor(self.vae)
 
-    def check_inputs(self, instances: torch.Tensor, types: torch.Tensor | None, embeddings: torch.Tensor | None,
-                     num_inference_steps: int, guidance_scale: float, scale: float) -> tuple[torch.Tensor, ...]:
-        """Validate everything before any compute is spent; returns int64 ``(B,H,W)`` maps."""
+    @classmethod
+    def _load_folder(cls, folder: Path, dtype: torch.dtype, disable_progress_bar: bool = True,
+                     **kwargs: Any) -> MaskToImagePipeline:
+        """Load a full pipeline folder, or a ControlNet folder with ``base.json`` naming its base LDM.
+
+        ``base.json`` holds ``{"pipeline": <the EmbeddingToImagePipeline folder, relative to this
+        one>, "num_types": K}``; the base supplies VAE, UNet, projector and scheduler.
+        """
+        if (folder / "model_index.json").is_file():
+            return super()._load_folder(folder, dtype=dtype, disable_progress_bar=disable_progress_bar, **kwargs)
+        record = folder / "base.json"
+        if not record.is_file():
+            raise FileNotFoundError(f"{ARGUMENT}: expected a MaskToImagePipeline folder (model_index.json) or a "
+                                    f"ControlNet folder with base.json, got {folder}")
+        unknown = sorted(set(kwargs) - {"scheduler"})
+        if unknown:
+            raise ValueError(f"kwargs: expected at most a scheduler= override for a ControlNet folder, got {unknown}")
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{ARGUMENT}: expected the ControlNet's config.json next to base.json, "
+                             f"got none in {folder}")
+        spec = json.loads(record.read_text())
+        if "pipeline" not in spec:
+            raise ValueError(f"{ARGUMENT}: expected a 'pipeline' entry in {record}, got keys {sorted(spec)}")
+        base_dir = Path(spec["pipeline"])
+        base_dir = check_pretrained_folder(base_dir if base_dir.is_absolute() else folder / base_dir,
+                                           f"{record} pipeline", "EmbeddingToImagePipeline folder")
+        base = EmbeddingToImagePipeline.from_pretrained(base_dir, dtype=dtype,
+                                                        disable_progress_bar=disable_progress_bar)
+        controlnet = ControlNetModel.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        logger.debug("composed a MaskToImagePipeline from the ControlNet %s and the base %s", folder, base_dir)
+        return cls(vae=base.vae, unet=base.unet, projector=base.projector, controlnet=controlnet,
+                   scheduler=kwargs.get("scheduler", base.scheduler), num_types=int(spec.get("num_types", 0)))
+
+    def check_components(self) -> None:
+        """Raise a ``ValueError`` when the parts do not fit together (a mismatched checkpoint)."""
+        c = self.vae.config.latent_channels
+        if self.unet.config.in_channels != c or self.unet.config.out_channels != c:
+            raise ValueError(f"unet: expected in/out channels {c}/{c} for a {c}-channel VAE, "
+                             f"got {self.unet.config.in_channels}/{self.unet.config.out_channels}")
+        if self.unet.config.cross_attention_dim != self.projector.config.cross_attention_dim:
+            raise ValueError(
+                f"projector: expected cross_attention_dim {self.unet.config.cross_attention_dim} (the UNet's), "
+                f"got {self.projector.config.cross_attention_dim}"
+            )
         k = self.config.num_types
-        inst, typ = check_masks(instances, types, k, "instances")
         expected = conditioning_channels(k)
         if self.controlnet.config.conditioning_channels != expected:
             raise ValueError(f"controlnet: expected {expected} conditioning channels for {k} nucleus types, "
                              f"got {self.controlnet.config.conditioning_channels}")
+
+    def check_inputs(self, instances: torch.Tensor, types: torch.Tensor | None, embeddings: torch.Tensor | None,
+                     num_inference_steps: int, guidance_scale: float, scale: float, output_type: str = "pt",
+                     generator: GeneratorLike = None) -> tuple[torch.Tensor, ...]:
+        """Validate everything before any compute is spent; returns int64 ``(B,H,W)`` maps."""
+        self.check_components()
+        inst, typ = check_masks(instances, types, self.config.num_types, "instances")
         f = self.vae_scale_factor
         if inst.shape[-2] % f or inst.shape[-1] % f:
             raise ValueError(f"instances: expected height and width divisible by the VAE factor {f}, "
@@ -80,6 +156,9 @@ class MaskToImagePipeline(DiffusionPipeline):
             raise ValueError(
                 f"guidance_scale/controlnet_conditioning_scale: expected >= 0, got {guidance_scale}/{scale}"
             )
+        if output_type not in ("pt", "latent"):
+            raise ValueError(f"output_type: expected 'pt' or 'latent', got {output_type!r}")
+        check_generator(generator, inst.shape[0])
         return inst, typ
 
     @torch.no_grad()
@@ -91,9 +170,10 @@ class MaskToImagePipeline(DiffusionPipeline):
         controlnet_conditioning_scale: float = 1.0,
         guidance_scale: float = 2.0,
         num_inference_steps: int = 25,
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        generator: GeneratorLike = None,
         output_type: str = "pt",
-    ):  # noqa: ANN204 - an ImagePipelineOutput
+        return_dict: bool = True,
+    ) -> MaskToImagePipelineOutput | tuple:
         """Generate one tile per mask.
 
         Args:
@@ -103,19 +183,16 @@ class MaskToImagePipeline(DiffusionPipeline):
             controlnet_conditioning_scale: weight of the mask residuals (0 ignores the mask).
             guidance_scale: classifier-free guidance on the embedding (only with embeddings).
             num_inference_steps: scheduler steps.
-            generator: torch generator(s) for the initial noise.
+            generator: torch generator(s) for the initial noise (a list: one per mask).
             output_type: ``"pt"`` (float ``(B,3,H,W)`` in [0, 1]) or ``"latent"``.
+            return_dict: return a :class:`MaskToImagePipelineOutput` (else a tuple ``(images,)``).
 
         Returns:
-            An object with ``.images``.
+            A :class:`MaskToImagePipelineOutput` with ``.images``.
         """
-        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-
         # 1. checks
         inst, typ = self.check_inputs(instances, types, embeddings, num_inference_steps, guidance_scale,
-                                      controlnet_conditioning_scale)
-        if output_type not in ("pt", "latent"):
-            raise ValueError(f"output_type: expected 'pt' or 'latent', got {output_type!r}")
+                                      controlnet_conditioning_scale, output_type, generator)
         device, batch, f = self._execution_device, inst.shape[0], self.vae_scale_factor
 
         # 2. conditioning image and tokens
@@ -149,57 +226,25 @@ class MaskToImagePipeline(DiffusionPipeline):
             latents = self.scheduler.step(noise, t, latents).prev_sample
 
         # 5. decode
-        if output_type == "latent":
-            return ImagePipelineOutput(images=latents)
-        return ImagePipelineOutput(images=decode_tiled(self.vae, latents))
-
-
-def load_mask_pipeline(path: str | Path) -> MaskToImagePipeline:
-    """Load a MaskToImagePipeline: a full ``save_pretrained`` folder, or a ControlNet-only folder.
-
-    A ControlNet-only folder (how ControlNets are usually shipped, apart from their base model)
-    holds the ``ControlNetModel`` weights and ``base.json`` with ``{"pipeline": <the LDM folder,
-    relative to this one>, "num_types": K}``; the base pipeline supplies VAE, UNet, projector and
-    scheduler. Weights load as float32 (shipped checkpoints are fp16).
-    """
-    import json
-
-    from genpath.synth import load_pipeline
-
-    folder = Path(path)
-    if (folder / "model_index.json").is_file():
-        pipe = MaskToImagePipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
-    elif (folder / "base.json").is_file():
-        spec = json.loads((folder / "base.json").read_text())
-        base_dir = folder / spec["pipeline"] if not Path(spec["pipeline"]).is_absolute() else Path(spec["pipeline"])
-        base = load_pipeline(base_dir)
-        controlnet = ControlNetModel.from_pretrained(str(folder), torch_dtype=torch.float32)
-        pipe = MaskToImagePipeline(vae=base.vae, unet=base.unet, projector=base.projector, controlnet=controlnet,
-                                   scheduler=base.scheduler, num_types=int(spec.get("num_types", 0)))
-    else:
-        raise FileNotFoundError(f"model: expected a MaskToImagePipeline folder (model_index.json) or a ControlNet "
-                                f"folder with base.json, got {folder}")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        images = latents if output_type == "latent" else decode_tiled(self.vae, latents)
+        if not return_dict:
+            return (images,)
+        return MaskToImagePipelineOutput(images=images)
 
 
 def export_controlnet(pipeline: str | Path, base: str | Path, destination: str | Path) -> Path:
-    """Write the ControlNet of a trained pipeline as fp16 safetensors + ``base.json`` (relative to ``base``)."""
-    import json
-    import os
-    import shutil
+    """Write the ControlNet of a trained pipeline as fp16 safetensors + ``base.json`` (relative to ``base``).
 
+    The folder is written atomically (it appears complete or not at all) and loads with
+    ``MaskToImagePipeline.from_pretrained(destination)``.
+    """
     destination = Path(destination)
-    tmp = destination.with_name(destination.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe = MaskToImagePipeline.from_pretrained(str(pipeline), torch_dtype=torch.float32)
-    pipe.controlnet.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    pipe = MaskToImagePipeline.from_pretrained(pipeline)
     relative = os.path.relpath(Path(base).resolve(), destination.resolve())
-    (tmp / "base.json").write_text(json.dumps({"pipeline": relative, "num_types": pipe.config.num_types}, indent=1))
-    if (Path(pipeline) / "encoder.json").is_file():
-        from genpath.encoders.reference import copy_encoder_reference
-
-        copy_encoder_reference(pipeline, tmp)  # tmp and destination are siblings: same relative paths
-    shutil.rmtree(destination, ignore_errors=True)
-    tmp.rename(destination)
+    with atomic_directory(destination) as tmp:  # a sibling of destination: the same relative paths
+        pipe.controlnet.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "base.json").write_text(json.dumps({"pipeline": relative, "num_types": pipe.config.num_types},
+                                                  indent=1))
+        if (Path(pipeline) / "encoder.json").is_file():
+            copy_encoder_reference(pipeline, tmp)
     return destination

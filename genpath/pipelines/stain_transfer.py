@@ -15,8 +15,9 @@ min-max on slides):
 * Few steps: the UNet predicts the clean latents (``prediction_type="sample"``) and a
   deterministic DDIM sampler with ``"trailing"`` spacing starts from noise at ``t = T``; one step
   is the conditional mean, more steps add detail.
-* Batch-invariant: the initial noise is one ``(1,C,h,w)`` draw from ``seed`` shared by every tile,
-  and every operation is per sample, so a tile's output does not depend on its companions.
+* Batch-invariant: the initial noise is one ``(1,C,h,w)`` draw from ``generator`` shared by every
+  tile (:func:`~genpath.pipelines.noise.shared_noise`), and every operation is per sample, so a
+  tile's output does not depend on its companions.
 * Detail transfer (optional): the small VAE loses fine detail; adding the source's own VAE
   residual ``source - decode(encode(source))`` restores it.
 """
@@ -24,14 +25,18 @@ min-max on slides):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import BaseOutput
 
 from genpath.image_tensor import to_float_batch
 from genpath.models.style import StyleTokenizer, latent_cells
 from genpath.models.vae import decode_tiled, downsampling_factor, encode_tiled
+from genpath.pipelines.loading import GenpathPipelineMixin
+from genpath.pipelines.noise import GeneratorLike, check_generator, shared_noise
 from normalization.functional import rgb_to_od, tissue_mask_od
 
 
@@ -53,7 +58,20 @@ def tissue_weights(rgb: torch.Tensor, factor: int, io: float = 240.0) -> torch.T
     return F.avg_pool2d(mask, factor)
 
 
-class StainTransferPipeline(DiffusionPipeline):
+@dataclass
+class StainTransferPipelineOutput(BaseOutput):
+    """Output of :class:`StainTransferPipeline`.
+
+    Attributes:
+        images: restained tiles, float ``(B,3,H,W)`` in [0, 1] (``"pt"``), or the final latents (``"latent"``).
+        style_tokens: the style tokens ``(1,N,D)`` used (encode once, pass back as ``style_tokens=``).
+    """
+
+    images: torch.Tensor
+    style_tokens: torch.Tensor | None = None
+
+
+class StainTransferPipeline(GenpathPipelineMixin, DiffusionPipeline):
     """Restain source tiles in the style of a reference.
 
     Components: ``vae`` (``AutoencoderKL``), ``unet`` (``UNet2DConditionModel`` with
@@ -61,6 +79,7 @@ class StainTransferPipeline(DiffusionPipeline):
     ``scheduler`` (:func:`stain_transfer_scheduler`).
 
     Example:
+        >>> pipe = StainTransferPipeline.from_pretrained("samples/checkpoints/stainfuser_small")  # doctest: +SKIP
         >>> tokens = pipe.encode_style(reference)  # doctest: +SKIP
         >>> out = pipe(tiles, style_tokens=tokens, num_inference_steps=4).images  # doctest: +SKIP
     """
@@ -124,7 +143,7 @@ class StainTransferPipeline(DiffusionPipeline):
         return self.style_tokenizer(*self.reference_cells(references))
 
     def check_inputs(self, rgb: torch.Tensor, style_tokens: torch.Tensor, num_inference_steps: int,
-                     output_type: str) -> None:
+                     output_type: str, generator: GeneratorLike = None) -> None:
         """Validate everything before any compute is spent."""
         self.check_components()
         d = self.unet.config.cross_attention_dim
@@ -138,6 +157,7 @@ class StainTransferPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps: expected at least 1, got {num_inference_steps}")
         if output_type not in ("pt", "latent"):
             raise ValueError(f"output_type: expected 'pt' or 'latent', got {output_type!r}")
+        check_generator(generator, rgb.shape[0])
 
     @torch.no_grad()
     def __call__(
@@ -146,10 +166,11 @@ class StainTransferPipeline(DiffusionPipeline):
         style_tokens: torch.Tensor | None = None,
         reference: torch.Tensor | Sequence[torch.Tensor] | None = None,
         num_inference_steps: int = 4,
-        seed: int = 0,
+        generator: GeneratorLike = None,
         detail_transfer: bool = True,
         output_type: str = "pt",
-    ):  # noqa: ANN204 - an ImagePipelineOutput
+        return_dict: bool = True,
+    ) -> StainTransferPipelineOutput | tuple:
         """Restain ``images`` in the style given by ``style_tokens`` (or a ``reference`` to encode).
 
         Args:
@@ -158,22 +179,23 @@ class StainTransferPipeline(DiffusionPipeline):
             style_tokens: from :meth:`encode_style` (preferred: encode the target once).
             reference: target image(s), encoded here when ``style_tokens`` is None.
             num_inference_steps: DDIM steps (1–4 for speed, 20 for reference quality).
-            seed: seed of the initial noise, one draw shared by every tile (batch-invariant).
+            generator: the initial noise's generator: one draw shared by every tile
+                (batch-invariant); a list gives each tile its own draw; None is
+                ``torch.Generator().manual_seed(0)`` (deterministic by default).
             detail_transfer: add the source's VAE reconstruction residual to the output.
             output_type: ``"pt"`` (float ``(B,3,H,W)`` in [0, 1]) or ``"latent"``.
+            return_dict: return a :class:`StainTransferPipelineOutput` (else a tuple ``(images, style_tokens)``).
 
         Returns:
-            An object with ``.images``.
+            A :class:`StainTransferPipelineOutput` with ``.images`` and ``.style_tokens``.
         """
-        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-
         # 1. checks and style
         if style_tokens is None:
             if reference is None:
                 raise ValueError("style_tokens: expected tokens from encode_style or a reference image, got neither")
             style_tokens = self.encode_style(reference)
         rgb = self._check_images(images, "images")
-        self.check_inputs(rgb, style_tokens, num_inference_steps, output_type)
+        self.check_inputs(rgb, style_tokens, num_inference_steps, output_type, generator)
         device, batch = self._execution_device, rgb.shape[0]
         rgb = rgb.to(device)
         tokens = style_tokens.to(device, self.unet.dtype).expand(batch, -1, -1)
@@ -182,9 +204,8 @@ class StainTransferPipeline(DiffusionPipeline):
         source = encode_tiled(self.vae, rgb)
 
         # 3. initial noise: one draw for all tiles, so outputs do not depend on the batch
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        noise = torch.randn((1, *source.shape[1:]), generator=generator).to(source)
-        latents = noise.expand_as(source) * self.scheduler.init_noise_sigma
+        noise = shared_noise(tuple(source.shape), generator, source.device, source.dtype)
+        latents = noise * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=device)
 
         # 4. denoise: x0 predictions, deterministic DDIM
@@ -195,8 +216,12 @@ class StainTransferPipeline(DiffusionPipeline):
 
         # 5. decode (+ the source's reconstruction residual)
         if output_type == "latent":
-            return ImagePipelineOutput(images=latents)
-        out = decode_tiled(self.vae, latents, tile=512)
-        if detail_transfer:
-            out = out + (rgb - decode_tiled(self.vae, source, tile=512))
-        return ImagePipelineOutput(images=out.clamp(0, 1))
+            images = latents
+        else:
+            out = decode_tiled(self.vae, latents, tile=512)
+            if detail_transfer:
+                out = out + (rgb - decode_tiled(self.vae, source, tile=512))
+            images = out.clamp(0, 1)
+        if not return_dict:
+            return (images, style_tokens)
+        return StainTransferPipelineOutput(images=images, style_tokens=style_tokens)

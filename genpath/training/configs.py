@@ -100,8 +100,10 @@ class TrainConfig:
 
 
 def load_train_config(path: str, section: str) -> TrainConfig:
-    """Load section ``section`` (``encoder``, ``vae``, ...) of a YAML file; ``options`` are checked against
-    the trainer's typed options (:mod:`genpath.training.options`) and completed with its defaults.
+    """Load section ``section`` (``encoder``, ``vae``, ...) of a YAML file into a :class:`TrainConfig`.
+
+    ``options`` are checked against the trainer's typed options (:mod:`genpath.training.options`)
+    and completed with its defaults.
 
     Raises:
         FileNotFoundError: the file is missing.

@@ -36,8 +36,9 @@ def train_controlnet(config: TrainConfig) -> Path:
     from genpath.encoders.reference import copy_encoder_reference, load_encoder_reference
     from genpath.masks import masks_to_conditioning
     from genpath.models.vae import encode_tiled
+    from genpath.pipelines.embedding_to_image import EmbeddingToImagePipeline
+    from genpath.pipelines.loading import check_pretrained_folder
     from genpath.pipelines.mask_to_image import MaskToImagePipeline, controlnet_from_unet
-    from genpath.synth import load_pipeline
     from genpath.training.vae import save_grid
 
     options = config.options
@@ -46,7 +47,8 @@ def train_controlnet(config: TrainConfig) -> Path:
     if not config.data.masks:
         raise ValueError("data.masks: expected image + nuclei-mask sources, got none")
     torch.manual_seed(config.train.seed)
-    base = load_pipeline(options["pipeline"])
+    base = EmbeddingToImagePipeline.from_pretrained(
+        check_pretrained_folder(options["pipeline"], "options.pipeline", "EmbeddingToImagePipeline folder"))
     vae, unet, projector = (m.eval().requires_grad_(False) for m in (base.vae, base.unet, base.projector))
     encoder = load_encoder_reference(options["pipeline"])
     num_types = int(options.get("num_types", 0))

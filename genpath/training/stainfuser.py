@@ -102,8 +102,8 @@ def train_stainfuser(config: TrainConfig) -> Path:
         raise ValueError(f"data.size: expected a multiple of the VAE factor {f}, got {config.data.size}")
     if options.get("init"):  # fine-tune a trained pipeline (e.g. on real scanner pairs)
         init = Path(options["init"])
-        unet = UNet2DConditionModel.from_pretrained(str(init / "unet"), torch_dtype=torch.float32)
-        tokenizer = StyleTokenizer.from_pretrained(str(init / "style_tokenizer"), torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(str(init / "unet"), dtype=torch.float32)
+        tokenizer = StyleTokenizer.from_pretrained(str(init / "style_tokenizer"), dtype=torch.float32)
         if unet.config.in_channels != 2 * c:
             raise ValueError(f"options.init: expected a UNet with {2 * c} input channels for this VAE, "
                              f"got {unet.config.in_channels} in {init}")

@@ -1,4 +1,4 @@
-"""Atomic file and folder writes: a reader sees the old file or the new one, never half of one.
+r"""Atomic file and folder writes: a reader sees the old file or the new one, never half of one.
 
 Every writer creates a hidden temporary sibling (``.<name>.<random><suffix>``), fills it, gives
 it the usual ``0o644`` permissions and renames it over the destination with :func:`os.replace`
@@ -9,7 +9,7 @@ Example:
     >>> import tempfile, pathlib
     >>> folder = pathlib.Path(tempfile.mkdtemp())
     >>> atomic_write_json(folder / "a.json", {"x": 1}).read_text()
-    '{\\n "x": 1\\n}'
+    '{\n "x": 1\n}'
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def get_logger(name: str) -> logging.Logger:
 
 
 def set_verbosity(level: int) -> None:
-    """Set the level of genpath's loggers (``genpath``, ``normalization``, ``augment``) and give them a stderr handler."""
+    """Set the level of genpath's loggers (``genpath``, ``normalization``, ``augment``); add a stderr handler."""
     for root in (_ROOT, "normalization", "augment"):
         logger = logging.getLogger(root)
         logger.setLevel(level)

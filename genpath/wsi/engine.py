@@ -118,7 +118,7 @@ def process_slide(
 def _fit_images(
     reader: SlideReader, thumbnail: np.ndarray, mask: np.ndarray, mask_ds: float, options: SlideOptions
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """What a slide fitter is fitted on: tissue windows, or the thumbnail with its mask."""
+    """Return what a slide fitter is fitted on: tissue windows, or the thumbnail with its mask."""
     if options.source != "slide":
         return None, None
     if options.fit_on == "thumbnail":

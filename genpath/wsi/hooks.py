@@ -45,7 +45,7 @@ class SlideFitter(Protocol):
 def tile_function_for_slide(
     processor: TileFunction, images: torch.Tensor | None, mask: torch.Tensor | None
 ) -> TileFunction:
-    """The tile function to stream a slide through.
+    """Return the tile function to stream a slide through.
 
     Args:
         processor: a tile function, or a :class:`SlideFitter`.

@@ -54,7 +54,7 @@ def inputs_hold_slides(inputs: Iterable[str | Path]) -> bool:
 
 
 def slide_output_name(relative: Path, output_format: str) -> Path:
-    """The output path (relative) of a slide: its name without slide suffixes, plus ``.tiff`` or ``.ome.zarr``.
+    """Return a slide's relative output path: its name without slide suffixes, plus ``.tiff`` or ``.ome.zarr``.
 
     Example:
         >>> slide_output_name(Path("a/b.ome.tif"), "ome-zarr").as_posix()

@@ -41,7 +41,8 @@ def test_normalize_with_config_and_refuses_to_overwrite_inputs(tmp_path):
     write_image(tile, tmp_path / "a.png")
     config = tmp_path / "run.yaml"
     config.write_text(f"normalize:\n  method: reinhard\n  target: [{tmp_path / 'a.png'}]\n")
-    result = runner.invoke(app, ["normalize", "tiles", str(tmp_path / "a.png"), "--out", str(tmp_path), "--config", str(config)])
+    result = runner.invoke(app, ["normalize", "tiles", str(tmp_path / "a.png"), "--out", str(tmp_path),
+                                 "--config", str(config)])
     assert result.exit_code == 1 and "overwrite" in result.output
     assert torch.equal(read_image(tmp_path / "a.png"), (tile * 255).round().to(torch.uint8))
 

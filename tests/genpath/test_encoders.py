@@ -22,6 +22,18 @@ def test_registry_lists_families_and_presets():
         create_encoder("inception.v4")
 
 
+def test_registry_imports_no_family_and_builtins_register_one_way():
+    import ast
+    import inspect
+
+    import genpath.encoders.registry as registry
+
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(registry)))
+                if isinstance(node, ast.ImportFrom)}
+    assert "genpath.encoders.entries" not in imported and "genpath.encoders" not in imported  # one way
+    assert {"genpath-small", "timm", "inception.fid"} <= set(registry.list_encoders())  # the package registered them
+
+
 def test_small_encoder_save_load_round_trip(tmp_path, small_model, real_tiles):
     small_model.save_pretrained(tmp_path / "enc")
     assert (tmp_path / "enc" / "diffusion_pytorch_model.safetensors").is_file()
@@ -57,6 +69,7 @@ def test_timm_with_local_checkpoint_and_mismatches(tmp_path):
         create_encoder("timm.not_an_arch", checkpoint_path=tmp_path / "r10.pth")
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_torchscript_encoder(tmp_path, small_model):
     scripted = torch.jit.trace(small_model.eval(), torch.zeros(1, 3, 32, 32))
     scripted.save(str(tmp_path / "enc.pt"))

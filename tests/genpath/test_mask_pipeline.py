@@ -12,7 +12,7 @@ from genpath.encoders.reference import save_encoder_reference
 from genpath.models.conditioning import EmbeddingProjector
 from genpath.models.vae import build_vae
 from genpath.pipelines import EmbeddingToImagePipeline
-from genpath.pipelines.mask_to_image import MaskToImagePipeline, controlnet_from_unet
+from genpath.pipelines.mask_to_image import MaskToImagePipeline, MaskToImagePipelineOutput, controlnet_from_unet
 from tests.conftest import ROOT
 
 
@@ -123,15 +123,61 @@ def test_train_controlnet_two_steps(ldm_dir, tmp_path):
     assert full.shape == (2, 3, 32, 32)
     # shipped form: the ControlNet alone (fp16) + base.json pointing at the LDM
     from genpath.encoders.reference import load_encoder_reference
-    from genpath.pipelines.mask_to_image import export_controlnet, load_mask_pipeline
+    from genpath.pipelines.mask_to_image import export_controlnet
 
     export_controlnet(tmp_path / "cn" / "pipeline", ldm_dir, tmp_path / "shipped")
     assert not (tmp_path / "shipped" / "model_index.json").exists()
-    light = load_mask_pipeline(tmp_path / "shipped")
+    light = MaskToImagePipeline.from_pretrained(tmp_path / "shipped")
     assert light.config.num_types == 3 and next(light.controlnet.parameters()).dtype == torch.float32
     again = light(inst, types, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(again, full, atol=2e-2, rtol=0)
     assert load_encoder_reference(tmp_path / "shipped").embed_dim == 12
+
+
+def test_mask_pipeline_output_tuple_and_batch_invariance(mask_pipe):
+    inst, types = masks()
+    emb = torch.randn(2, 12, generator=torch.Generator().manual_seed(1))
+    out = mask_pipe(inst, types, embeddings=emb, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert isinstance(out, MaskToImagePipelineOutput)
+    as_tuple = mask_pipe(inst, types, embeddings=emb, num_inference_steps=2,
+                         generator=torch.Generator().manual_seed(0), return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.images)
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    both = mask_pipe(inst, types, embeddings=emb, num_inference_steps=2, generator=gens(3, 4)).images
+    alone = torch.cat([mask_pipe(inst[i : i + 1], types[i : i + 1], embeddings=emb[i : i + 1], num_inference_steps=2,
+                                 generator=gens(s)).images for i, s in enumerate((3, 4))])
+    torch.testing.assert_close(both, alone, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="generator"):
+        mask_pipe(inst, types, generator=gens(1, 2, 3))
+
+
+def test_controlnet_folder_loads_through_the_same_path(mask_pipe, ldm_dir, tmp_path):
+    import json
+    import os
+    import warnings
+
+    from genpath.pipelines.mask_to_image import export_controlnet
+
+    mask_pipe.save_pretrained(tmp_path / "full")
+    folder = export_controlnet(tmp_path / "full", ldm_dir, tmp_path / "cn")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cn", "full"]  # written atomically: no leftovers
+    assert json.loads((folder / "base.json").read_text()) == {"pipeline": os.path.relpath(ldm_dir, folder),
+                                                              "num_types": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        light = MaskToImagePipeline.from_pretrained(folder)
+    assert light.config.num_types == 3 and next(light.controlnet.parameters()).dtype == torch.float32
+    assert light._progress_bar_config == {"disable": True}
+    torch.testing.assert_close(run(light), run(mask_pipe), atol=2e-2, rtol=0)  # fp16 ControlNet, same images
+    (folder / "base.json").write_text(json.dumps({"pipeline": "../nowhere", "num_types": 3}))
+    with pytest.raises(FileNotFoundError, match="base.json pipeline: expected a local EmbeddingToImagePipeline"):
+        MaskToImagePipeline.from_pretrained(folder)
+    (folder / "base.json").write_text(json.dumps({"pipeline": os.path.relpath(ldm_dir, folder), "num_types": 1}))
+    with pytest.raises(ValueError, match="controlnet: expected 3 conditioning channels for 1 nucleus types"):
+        MaskToImagePipeline.from_pretrained(folder)
+    (folder / "base.json").unlink()
+    with pytest.raises(FileNotFoundError, match="or a ControlNet folder with base.json"):
+        MaskToImagePipeline.from_pretrained(folder)
 
 
 def test_mask_dataset_crops_stay_in_region_and_align(tmp_path):

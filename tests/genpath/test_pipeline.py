@@ -1,10 +1,14 @@
+import json
+import warnings
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.utils import BaseOutput
 
 from genpath.models.conditioning import EmbeddingProjector
 from genpath.models.vae import build_vae
-from genpath.pipelines import EmbeddingToImagePipeline
+from genpath.pipelines import EmbeddingToImagePipeline, EmbeddingToImagePipelineOutput, LargeImagePipelineOutput
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +98,72 @@ def test_seam_score_detects_a_step():
     from genpath.pipelines.large_image import seam_score
 
     assert seam_score(stepped, 32) > 5 * seam_score(flat, 32)
+
+
+def test_output_dataclass_return_dict_and_generator_lists(pipe):
+    e = torch.randn(2, 12, generator=torch.Generator().manual_seed(5))
+    out = pipe(e, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert isinstance(out, EmbeddingToImagePipelineOutput) and isinstance(out, BaseOutput)
+    as_tuple = pipe(e, num_inference_steps=2, generator=torch.Generator().manual_seed(0), return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and torch.equal(as_tuple[0], out.images)
+    # one generator per image: an image does not depend on its batch
+    both = pipe(e, num_inference_steps=2, generator=[torch.Generator().manual_seed(s) for s in (7, 8)]).images
+    alone = [pipe(e[i : i + 1], num_inference_steps=2, generator=[torch.Generator().manual_seed(s)]).images
+             for i, s in enumerate((7, 8))]
+    torch.testing.assert_close(both, torch.cat(alone), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"generator: expected one generator per image \(2\), got 1"):
+        pipe(e, generator=[torch.Generator()])
+
+
+def test_one_loading_path_checks_and_stays_quiet(pipe, tmp_path, capfd):
+    pipe.save_pretrained(tmp_path / "p")
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no torch_dtype deprecation, no other warning
+        again = EmbeddingToImagePipeline.from_pretrained(tmp_path / "p")
+    assert "Loading pipeline components" not in capfd.readouterr().err  # no loading progress bar
+    assert next(again.unet.parameters()).dtype == torch.float32
+    assert again._progress_bar_config == {"disable": True}
+    half = EmbeddingToImagePipeline.from_pretrained(tmp_path / "p", dtype=torch.float16, disable_progress_bar=False)
+    assert next(half.unet.parameters()).dtype == torch.float16
+    assert "disable" not in getattr(half, "_progress_bar_config", {})
+    with pytest.raises(FileNotFoundError, match="pretrained_model_name_or_path: expected a local .*\\(missing"):
+        EmbeddingToImagePipeline.from_pretrained(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="pretrained_model_name_or_path: .*not a folder"):
+        EmbeddingToImagePipeline.from_pretrained(tmp_path / "file")
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        EmbeddingToImagePipeline.from_pretrained(tmp_path)
+    from genpath.pipelines import MaskToImagePipeline, StainTransferPipeline
+
+    with pytest.raises(ValueError, match="checkpoint of StainTransferPipeline .* 'EmbeddingToImagePipeline'"):
+        StainTransferPipeline.from_pretrained(tmp_path / "p")
+    with pytest.raises(ValueError, match="expected a checkpoint of MaskToImagePipeline"):
+        MaskToImagePipeline.from_pretrained(tmp_path / "p")
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    del index["projector"]
+    (tmp_path / "p" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"expected components .* got \['projector'\] missing"):
+        EmbeddingToImagePipeline.from_pretrained(tmp_path / "p")
+
+
+def test_mismatched_components_are_named(pipe, tmp_path):
+    other = EmbeddingProjector(embed_dim=12, cross_attention_dim=8, num_tokens=2, hidden_dim=32)
+    EmbeddingToImagePipeline(vae=pipe.vae, unet=pipe.unet, projector=other,
+                             scheduler=pipe.scheduler).save_pretrained(tmp_path / "bad")
+    with pytest.raises(ValueError, match="projector: expected cross_attention_dim 16"):
+        EmbeddingToImagePipeline.from_pretrained(tmp_path / "bad")
+
+
+def test_large_image_output_dataclass_and_tuple(pipe):
+    from genpath.pipelines.large_image import generate_large_image
+
+    grid = torch.randn(1, 2, 12, generator=torch.Generator().manual_seed(4))
+    out = generate_large_image(pipe, grid, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert isinstance(out, LargeImagePipelineOutput) and isinstance(out, BaseOutput)
+    images, unet_pixels, tile_pixels, calls = generate_large_image(
+        pipe, grid, num_inference_steps=2, generator=torch.Generator().manual_seed(0), return_dict=False)
+    assert torch.equal(images, out.images) and (unet_pixels, tile_pixels, calls) == (
+        out.unet_pixels, out.tile_pixels, out.unet_calls)
+    with pytest.raises(ValueError, match="generator"):
+        generate_large_image(pipe, grid, generator=[torch.Generator()])

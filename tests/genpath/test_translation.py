@@ -14,7 +14,14 @@ from typer.testing import CliRunner
 
 from genpath.cli import app
 from genpath.models.vae import build_vae
-from genpath.pipelines.image_translation import GeneratorTranslationPipeline, LatentTranslationPipeline
+from genpath.pipelines import Translator
+from genpath.pipelines.image_translation import (
+    GeneratorTranslationPipeline,
+    GeneratorTranslationPipelineOutput,
+    ImageTranslationPipeline,
+    LatentTranslationPipeline,
+    LatentTranslationPipelineOutput,
+)
 from genpath.pipelines.stain_transfer import stain_transfer_scheduler
 from genpath.translation.data import ImagePair, PairedCropDataset, pairs_from_layout, split_by_patient
 from genpath.translation.losses import (
@@ -34,7 +41,7 @@ from genpath.translation.stains import (
     looks_like_ihc,
     rgb_to_hdx,
 )
-from genpath.translation.translator import LooksLikeIHCWarning, Translator
+from genpath.translation.translator import LooksLikeIHCWarning
 from tests.conftest import ROOT, STAINS_A, concentrations, render
 
 DEMO = ROOT / "samples" / "pairs" / "demo_he_ihc"
@@ -292,14 +299,35 @@ def test_latent_pipeline_round_trip_and_batch_invariance(translator_dirs):
     ref = tiny_latent_pipeline()
     ref.set_progress_bar_config(disable=True)
     torch.testing.assert_close(pipe(x[:2], num_inference_steps=2).images, ref(x[:2], num_inference_steps=2).images)
-    full = pipe(x, num_inference_steps=2, seed=5).images
-    single = pipe(x[3:4], num_inference_steps=2, seed=5).images
+    full = pipe(x, num_inference_steps=2, generator=torch.Generator().manual_seed(5)).images
+    single = pipe(x[3:4], num_inference_steps=2, generator=torch.Generator().manual_seed(5)).images
     torch.testing.assert_close(full[3:4], single, atol=1e-5, rtol=0)
-    assert not torch.allclose(pipe(x[:1], seed=6).images, pipe(x[:1], seed=5).images)
+    assert not torch.allclose(pipe(x[:1], generator=torch.Generator().manual_seed(6)).images,
+                              pipe(x[:1], generator=torch.Generator().manual_seed(5)).images)
     with pytest.raises(ValueError, match="divisible by 4"):
         pipe(x[:, :, :30])
     with pytest.raises(ValueError, match="num_inference_steps"):
         pipe(x, num_inference_steps=0)
+
+
+def test_translation_pipelines_outputs_and_one_loading_path(translator_dirs):
+    x = render(concentrations(2, 32), STAINS_A)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        latent = ImageTranslationPipeline.from_pretrained(translator_dirs / "diffusion")
+        gan = ImageTranslationPipeline.from_pretrained(translator_dirs / "gan")
+    assert type(latent) is LatentTranslationPipeline and type(gan) is GeneratorTranslationPipeline
+    out = latent(x, num_inference_steps=1)
+    assert isinstance(out, LatentTranslationPipelineOutput)
+    seeded = latent(x, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(out.images, seeded)  # default generator: seed 0, deterministic
+    (images,) = latent(x, num_inference_steps=1, return_dict=False)
+    torch.testing.assert_close(images, out.images)
+    one_step = gan(x)
+    assert isinstance(one_step, GeneratorTranslationPipelineOutput)
+    assert torch.equal(gan(x, return_dict=False)[0], one_step.images)
+    with pytest.raises(ValueError, match="expected a checkpoint of LatentTranslationPipeline"):
+        LatentTranslationPipeline.from_pretrained(translator_dirs / "gan")
 
 
 def test_mismatched_translator_checkpoints_are_named(tmp_path, translator_dirs):

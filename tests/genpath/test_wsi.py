@@ -88,7 +88,8 @@ def test_jobs_refuse_two_inputs_writing_one_output(tmp_path, slide_path):
         expand_slides([tmp_path / "a", tmp_path / "b"], tmp_path / "out", "tiff")
     # one folder keeps relative names, so the same names in its sub-folders do not collide
     jobs = expand_slides([tmp_path], tmp_path / "out", "tiff")
-    assert {j["output"] for j in jobs} >= {str(tmp_path / "out" / "a" / "x.tiff"), str(tmp_path / "out" / "b" / "x.tiff")}
+    outputs = {j["output"] for j in jobs}
+    assert outputs >= {str(tmp_path / "out" / "a" / "x.tiff"), str(tmp_path / "out" / "b" / "x.tiff")}
     # the same file twice is one job
     assert len(expand_slides([first, first], tmp_path / "out", "tiff")) == 1
 

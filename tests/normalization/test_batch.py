@@ -8,11 +8,11 @@ from typer.testing import CliRunner
 
 from genpath.cli import app
 from genpath.config import load_config
-from normalization.config import NormalizeConfig
 from genpath.io.slide import open_slide
 from genpath.io.synthetic_slide import write_synthetic_slide
 from normalization import batch
 from normalization.batch import MANIFEST_FIELDS, config_hash, expand_slides, process_slide, run_batch
+from normalization.config import NormalizeConfig
 from tests.conftest import SAMPLES
 
 TARGET = str(SAMPLES / "images" / "he_tiatoolbox_target.png")
@@ -119,8 +119,8 @@ def test_fail_fast_stops_the_batch(tmp_path, slides):
 
 
 def test_bad_arguments_are_named(tmp_path, slides):
-    result = CliRunner().invoke(app, ["normalize", "slides", str(slides), "--target", TARGET, "--out", str(tmp_path / "o"),
-                                      "--overlap", "9999"])
+    result = CliRunner().invoke(app, ["normalize", "slides", str(slides), "--target", TARGET,
+                                      "--out", str(tmp_path / "o"), "--overlap", "9999"])
     assert result.exit_code != 0 and "overlap" in result.output
     result = CliRunner().invoke(app, ["normalize", "slides", str(tmp_path / "nothing*.svs"), "--target", TARGET,
                                       "--out", str(tmp_path / "o"), "--format", "tiff"])

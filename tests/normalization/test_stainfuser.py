@@ -9,8 +9,14 @@ from typer.testing import CliRunner
 
 from genpath.models.style import StyleTokenizer, latent_cells
 from genpath.models.vae import build_vae
-from genpath.pipelines.stain_transfer import StainTransferPipeline, stain_transfer_scheduler, tissue_weights
-from normalization import StainFuserNormalizer, StainNormalizer, build_normalizer
+from genpath.pipelines import StainFuserNormalizer
+from genpath.pipelines.stain_transfer import (
+    StainTransferPipeline,
+    StainTransferPipelineOutput,
+    stain_transfer_scheduler,
+    tissue_weights,
+)
+from normalization import StainNormalizer, build_normalizer
 from normalization.functional import REFERENCE_STAINS, od_to_rgb, render_od
 from tests.conftest import ROOT
 
@@ -71,21 +77,42 @@ def test_tissue_weights_and_cells_shapes():
     assert cells.shape == (2, 16, 4) and weights.shape == (2, 16)
 
 
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 def test_pipeline_round_trip_determinism_and_batch_invariance(model_dir):
     pipe = StainTransferPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     src, ref = he_tiles(8, seed=1), he_tiles(1, seed=2)
     tokens = pipe.encode_style(ref)
     assert tokens.shape == (1, 1 + 32, 16)
-    full = pipe(src, style_tokens=tokens, num_inference_steps=2, seed=3).images
-    again = tiny_pipeline()(src, reference=ref, num_inference_steps=2, seed=3).images
+    full = pipe(src, style_tokens=tokens, num_inference_steps=2, generator=gen(3)).images
+    again = tiny_pipeline()(src, reference=ref, num_inference_steps=2, generator=gen(3)).images
     torch.testing.assert_close(full, again)  # saved == in-memory, tokens cached == encoded on the fly
-    singles = torch.cat([pipe(src[i : i + 1], style_tokens=tokens, num_inference_steps=2, seed=3).images
+    singles = torch.cat([pipe(src[i : i + 1], style_tokens=tokens, num_inference_steps=2, generator=gen(3)).images
                          for i in range(8)])
     torch.testing.assert_close(full, singles, atol=1e-5, rtol=0)
-    other_seed = pipe(src, style_tokens=tokens, num_inference_steps=2, seed=4).images
+    other_seed = pipe(src, style_tokens=tokens, num_inference_steps=2, generator=gen(4)).images
     assert not torch.allclose(full, other_seed)
     assert full.shape == src.shape and 0 <= full.min() and full.max() <= 1
+
+
+def test_pipeline_output_generator_default_and_return_dict(model_dir):
+    pipe = StainTransferPipeline.from_pretrained(model_dir)
+    src, tokens = he_tiles(2, seed=1), pipe.encode_style(he_tiles(1, seed=2))
+    out = pipe(src, style_tokens=tokens, num_inference_steps=1)
+    assert isinstance(out, StainTransferPipelineOutput) and torch.equal(out.style_tokens, tokens)
+    torch.testing.assert_close(out.images, pipe(src, style_tokens=tokens, num_inference_steps=1,
+                                                 generator=gen(0)).images)  # default: seed 0, deterministic
+    images, used = pipe(src, style_tokens=tokens, num_inference_steps=1, return_dict=False)
+    assert torch.equal(images, out.images) and torch.equal(used, tokens)
+    by_reference = pipe(src, reference=he_tiles(1, seed=2), num_inference_steps=1)
+    torch.testing.assert_close(by_reference.style_tokens, tokens)
+    per_tile = pipe(src, style_tokens=tokens, num_inference_steps=1, generator=[gen(0), gen(9)]).images
+    torch.testing.assert_close(per_tile[:1], out.images[:1])  # a list: each tile its own draw
+    with pytest.raises(ValueError, match="generator: expected one generator per image"):
+        pipe(src, style_tokens=tokens, generator=[gen(0)])
 
 
 def test_pipeline_checks_inputs_before_compute(model_dir):
@@ -109,6 +136,17 @@ def test_mismatched_checkpoint_is_named(tmp_path):
         StainFuserNormalizer(tmp_path / "missing")
     with pytest.raises(ValueError, match="model"):
         build_normalizer("stainfuser")
+
+
+def test_registry_finds_the_plugin_without_normalization_importing_pipelines(model_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys, normalization; assert 'genpath.pipelines' not in sys.modules; "
+            "assert 'stainfuser' in normalization.available_methods(); assert 'diffusers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    norm = build_normalizer("stainfuser", model=model_dir, num_inference_steps=1)
+    assert type(norm) is StainFuserNormalizer and norm.method == "stainfuser"
 
 
 def test_normalizer_interface_white_tiles_state_round_trip(model_dir, tmp_path):

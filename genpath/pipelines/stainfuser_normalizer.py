@@ -7,6 +7,12 @@ sees it), like the classical methods' ``on_invalid="passthrough"``. Output is de
 ``seed`` and independent of the batch a tile is in. The model has no slide-level source
 statistics, so whole slides go through overlapping windows with feathered blending
 (``genpath normalize --method stainfuser --overlap 32``).
+
+It lives with the pipelines (it needs them) and reaches the ``normalization`` registry through
+the ``genpath.normalizers`` entry point declared in ``pyproject.toml``, so
+``build_normalizer("stainfuser", model=...)`` and ``StainNormalizer.load(state)`` find it while
+``normalization`` never imports ``genpath.pipelines``. Importing this module is cheap: the
+diffusion pipeline (and diffusers) load when a normalizer is built.
 """
 
 from __future__ import annotations
@@ -17,22 +23,8 @@ from typing import Any, ClassVar, Self
 
 import torch
 
+from genpath.pipelines.loading import check_pretrained_folder
 from normalization.base import StainNormalizer, TissueSample
-
-
-def load_stain_transfer_pipeline(path: str | Path):  # noqa: ANN201 - a StainTransferPipeline
-    """Load a StainTransferPipeline folder in float32, checking that its parts fit together."""
-    from genpath.pipelines.stain_transfer import StainTransferPipeline
-
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"model: expected a StainTransferPipeline folder with model_index.json, got {path}")
-    pipe = StainTransferPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
-    if not isinstance(pipe, StainTransferPipeline):
-        raise ValueError(f"model: expected a StainTransferPipeline checkpoint, got {type(pipe).__name__} in {path}")
-    pipe.check_components()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 class StainFuserNormalizer(StainNormalizer):
@@ -41,7 +33,8 @@ class StainFuserNormalizer(StainNormalizer):
     Args:
         model: a ``StainTransferPipeline`` folder (e.g. ``samples/checkpoints/stainfuser_small``).
         num_inference_steps: sampler steps (4 by default; 1 is fastest).
-        seed: seed of the shared initial noise.
+        seed: seed of the shared initial noise (a fresh ``torch.Generator().manual_seed(seed)``
+            per call, so every call gives the same output).
         detail_transfer: add back the source's VAE reconstruction residual.
         min_target_tissue: a target needs at least this share of tissue pixels.
         **kwargs: tissue settings of :class:`~normalization.base.StainNormalizer` (``io``,
@@ -71,12 +64,15 @@ class StainFuserNormalizer(StainNormalizer):
             raise ValueError(f"num_inference_steps: expected at least 1, got {num_inference_steps}")
         if not 0.0 <= min_target_tissue <= 1.0:
             raise ValueError(f"min_target_tissue: expected a share in [0, 1], got {min_target_tissue}")
+        folder = check_pretrained_folder(model, "model", "StainTransferPipeline folder")
         self.config.update(model=str(model), num_inference_steps=int(num_inference_steps), seed=int(seed),
                            detail_transfer=bool(detail_transfer), min_target_tissue=float(min_target_tissue))
         self.num_inference_steps, self.seed = int(num_inference_steps), int(seed)
         self.detail_transfer, self.min_target_tissue = bool(detail_transfer), float(min_target_tissue)
+        from genpath.pipelines.stain_transfer import StainTransferPipeline  # diffusers: only when built
+
         # a plain attribute, not a submodule: saved states hold the fitted style, not the weights
-        self.pipeline = load_stain_transfer_pipeline(model)
+        self.pipeline = StainTransferPipeline.from_pretrained(folder)
         self.register_buffer("style_tokens", torch.zeros(0))
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module hook (.to, .half, ...)
@@ -112,8 +108,9 @@ class StainFuserNormalizer(StainNormalizer):
         return self
 
     def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
         out = self.pipeline(rgb, style_tokens=self.style_tokens, num_inference_steps=self.num_inference_steps,
-                            seed=self.seed, detail_transfer=self.detail_transfer).images
+                            generator=generator, detail_transfer=self.detail_transfer).images
         return out.to(rgb), sample.enough
 
     def _estimate_source(self, sample: TissueSample) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

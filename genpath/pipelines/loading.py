@@ -1,0 +1,173 @@
+"""One loading path for every genpath pipeline: local folders only, cast, checked, quiet.
+
+:class:`GenpathPipelineMixin` gives each pipeline the same ``from_pretrained``:
+
+1. the path must be a local folder (genpath never downloads: ``local_files_only=True``);
+   otherwise a one-line ``FileNotFoundError`` naming the argument;
+2. ``model_index.json`` must name this pipeline class (or a subclass, so a base class such as
+   :class:`~genpath.pipelines.image_translation.ImageTranslationPipeline` loads either
+   translator) and list every component the class needs, each in its subfolder; otherwise a
+   one-line ``ValueError``;
+3. the components load cast to ``dtype`` (float32 by default: the shipped checkpoints are
+   fp16), through diffusers' ``dtype=`` keyword (never the deprecated ``torch_dtype=``);
+4. the loaded parts must fit together (the pipeline's ``check_components``, e.g.
+   ``"unet: expected in/out channels 8/4 ..."``);
+5. progress bars (diffusers' "Loading pipeline components" and the sampler's) are switched
+   off unless ``disable_progress_bar=False``.
+
+Pipelines stored in another layout override :meth:`GenpathPipelineMixin._load_folder` (the
+ControlNet shipped apart from its base model: :class:`~genpath.pipelines.mask_to_image.MaskToImagePipeline`).
+
+Example:
+    >>> from genpath.pipelines import EmbeddingToImagePipeline
+    >>> pipe = EmbeddingToImagePipeline.from_pretrained("samples/checkpoints/ldm_small")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+
+from genpath.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+ARGUMENT = "pretrained_model_name_or_path"
+_PIPELINES: dict[str, type[GenpathPipelineMixin]] = {}
+
+
+def check_pretrained_folder(path: str | Path | None, argument: str = ARGUMENT, what: str = "pipeline folder") -> Path:
+    """Return ``path`` as a ``Path`` when it is an existing local folder.
+
+    Args:
+        path: the folder.
+        argument: the caller's name for it, used in the error (``"model"``, ``"options.pipeline"``).
+        what: what the folder should hold, used in the error.
+
+    Raises:
+        FileNotFoundError: ``path`` is None, missing or not a folder (genpath never downloads).
+
+    Example:
+        >>> check_pretrained_folder("no/such/folder", "model", "folder")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: model: expected a local folder, got no/such/folder (missing; genpath never downloads)
+    """
+    if path is None:
+        raise FileNotFoundError(f"{argument}: expected a local {what}, got None")
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{argument}: expected a local {what}, got {folder} (missing; genpath never downloads)")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{argument}: expected a local {what}, got {folder} (a file, not a folder)")
+    return folder
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Switch diffusers' loading progress bars off inside the block (restored afterwards)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    before = diffusers_logging.is_progress_bar_enabled()
+    if not enabled:
+        diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before:
+            diffusers_logging.enable_progress_bar()
+
+
+def _pipeline_class(name: str | None) -> type[GenpathPipelineMixin] | None:
+    """Return the genpath pipeline class called ``name`` (importing genpath's pipeline modules on demand)."""
+    if name not in _PIPELINES and isinstance(name, str):
+        import genpath.pipelines as package
+
+        if name in package.__all__:
+            getattr(package, name)  # importing the module registers the class
+    return _PIPELINES.get(name) if isinstance(name, str) else None
+
+
+class GenpathPipelineMixin:
+    """``from_pretrained`` through one checked path, and a ``check_components`` hook.
+
+    Put it first among the bases: ``class MyPipeline(GenpathPipelineMixin, DiffusionPipeline)``.
+    Subclasses are registered by name, so a folder's ``model_index.json`` can pick the class.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _PIPELINES[cls.__name__] = cls
+
+    def check_components(self) -> None:
+        """Raise a one-line ``ValueError`` naming the component that does not fit (default: no checks)."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        disable_progress_bar: bool = True,
+        **kwargs: Any,
+    ) -> Self:
+        """Load a saved pipeline folder (see the module doc for every check).
+
+        Args:
+            pretrained_model_name_or_path: a local ``save_pretrained`` folder (never a Hub id).
+            dtype: dtype of the loaded weights (float32 by default; shipped weights are fp16).
+            disable_progress_bar: no progress bars while loading nor while sampling.
+            **kwargs: passed to ``DiffusionPipeline.from_pretrained`` (e.g. a replacement
+                ``scheduler=``); ``local_files_only`` is always True.
+
+        Returns:
+            The pipeline, of the class recorded in the folder (``cls`` or a subclass).
+
+        Raises:
+            FileNotFoundError: the folder is missing, or holds no pipeline.
+            ValueError: the folder holds another pipeline class, lacks a component, or its
+                components do not fit together.
+        """
+        folder = check_pretrained_folder(pretrained_model_name_or_path, ARGUMENT, f"{cls.__name__} folder")
+        kwargs.pop("local_files_only", None)
+        if "torch_dtype" in kwargs:
+            raise ValueError("torch_dtype: expected dtype= (torch_dtype is deprecated in diffusers), got torch_dtype")
+        with _progress_bars(not disable_progress_bar):
+            pipe = cls._load_folder(folder, dtype=dtype, disable_progress_bar=disable_progress_bar, **kwargs)
+        pipe.check_components()
+        if disable_progress_bar:
+            pipe.set_progress_bar_config(disable=True)
+        logger.debug("loaded %s from %s (%s)", type(pipe).__name__, folder, dtype)
+        return pipe
+
+    @classmethod
+    def _load_folder(cls, folder: Path, dtype: torch.dtype, disable_progress_bar: bool = True,
+                     **kwargs: Any) -> GenpathPipelineMixin:
+        """Load a ``save_pretrained`` folder (``model_index.json`` + one subfolder per component)."""
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"{ARGUMENT}: expected a {cls.__name__} folder with model_index.json, got {folder}")
+        spec = json.loads(index.read_text())
+        name = spec.get("_class_name")
+        target = _pipeline_class(name)
+        if target is None or not issubclass(target, cls):
+            raise ValueError(f"{ARGUMENT}: expected a checkpoint of {cls.__name__} (or a subclass), "
+                             f"got _class_name {name!r} in {folder}")
+        target._check_index(folder, spec, provided=set(kwargs))
+        parent = super(GenpathPipelineMixin, target)
+        return parent.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **kwargs)
+
+    @classmethod
+    def _check_index(cls, folder: Path, spec: dict[str, Any], provided: set[str]) -> None:
+        """Every component ``__init__`` needs is listed in ``model_index.json`` and has its subfolder."""
+        expected, _ = cls._get_signature_keys(cls)  # diffusers: required __init__ parameters
+        listed = {k for k, v in spec.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
+        missing = [k for k in expected if k not in listed and k not in provided]
+        missing += [k for k in expected if k in listed and k not in provided and not (folder / k).is_dir()]
+        if missing:
+            raise ValueError(f"{ARGUMENT}: expected components {list(expected)} in {folder}, "
+                             f"got {sorted(set(missing))} missing")
