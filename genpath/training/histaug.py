@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from torch.utils.data import Dataset
 
 from genpath.training.configs import TrainConfig
 from genpath.training.loop import train_loop
+from genpath.utils.atomic import atomic_directory
 
 
 class IndexedTiles(Dataset):
@@ -64,15 +64,12 @@ def cache_clean_embeddings(encoder: torch.nn.Module, dataset: Dataset, path: str
             tiles = torch.stack([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             feats.append(encoder(tiles).float())
     clean = torch.cat(feats)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(str(tmp), mode="w")
-    array = group.create_array("embeddings", shape=tuple(clean.shape), chunks=(4096, clean.shape[1]),
-                               dtype="float32")
-    array[:] = clean.numpy()
-    group.attrs["key"] = key
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    with atomic_directory(path) as tmp:
+        group = zarr.open_group(str(tmp), mode="w")
+        array = group.create_array("embeddings", shape=tuple(clean.shape), chunks=(4096, clean.shape[1]),
+                                   dtype="float32")
+        array[:] = clean.numpy()
+        group.attrs["key"] = key
     return clean
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from genpath.utils.atomic import atomic_directory
+
 
 @dataclass
 class LoopSettings:
@@ -125,11 +127,8 @@ def train_loop(
 
 def _save_checkpoint(accelerator, model: torch.nn.Module, out: Path, step: int, keep: int) -> None:  # noqa: ANN001
     folder = out / "checkpoints" / f"step-{step:06d}"
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
-    accelerator.unwrap_model(model).save_pretrained(str(tmp / "model"))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)  # a checkpoint folder exists only once complete
+    with atomic_directory(folder) as tmp:  # a checkpoint folder exists only once complete
+        accelerator.save_state(str(tmp))
+        accelerator.unwrap_model(model).save_pretrained(str(tmp / "model"))
     for old in sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -22,6 +22,9 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> Path:
 
 def train_vae(config: TrainConfig) -> Path:
     """Train the VAE; returns its ``save_pretrained`` folder."""
+    from genpath.utils.quiet_imports import import_kornia
+
+    import_kornia()
     from kornia.losses import ssim_loss
 
     torch.manual_seed(config.train.seed)
