@@ -7,9 +7,11 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from typer.core import TyperGroup
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -63,3 +65,12 @@ def report_failures(rows: list[dict[str, Any]], summary: str) -> None:
         console.print(f"[red]failed[/red] {row['input']}: {row.get('error', '')}", highlight=False)
     if failed:
         raise typer.Exit(code=EXIT_FAILED_ITEMS)
+
+
+class LegacyDefaultGroup(TyperGroup):
+    """A group whose old form ``GROUP INPUTS...`` (no subcommand) still runs, through its hidden ``auto`` command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["auto", *args]
+        return super().parse_args(ctx, args)

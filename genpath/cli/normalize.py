@@ -5,27 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
-from typer.core import TyperGroup
 
-from genpath.cli.common import console, progress_bar, report_failures, user_errors
+from genpath.cli.common import LegacyDefaultGroup, console, progress_bar, report_failures, user_errors
 from normalization.base import available_methods
 
 _NOTICE = ("note: 'genpath normalize INPUTS' without 'tiles' or 'slides' is deprecated and will be removed in "
            "genpath 0.3; use 'genpath normalize tiles ...' or 'genpath normalize slides ...'")
 
 
-class _LegacyDefaultGroup(TyperGroup):
-    """A group whose old form ``normalize INPUTS...`` (no subcommand) still runs, via ``auto``, with a notice."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
-            args = ["auto", *args]
-        return super().parse_args(ctx, args)
-
-
-app = typer.Typer(cls=_LegacyDefaultGroup, no_args_is_help=True, add_completion=False,
+app = typer.Typer(cls=LegacyDefaultGroup, no_args_is_help=True, add_completion=False,
                   help="Normalize image tiles or whole slides to a target stain.")
 
 Inputs = Annotated[list[str], typer.Argument(help="Files, folders or glob patterns (slides: also CSV slide,mpp).")]

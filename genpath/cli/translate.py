@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
-from genpath.cli.common import progress_bar, report_failures, user_errors
-from genpath.cli.normalize import _LegacyDefaultGroup
+from genpath.cli.common import LegacyDefaultGroup, progress_bar, report_failures, user_errors
 
-app = typer.Typer(cls=_LegacyDefaultGroup, no_args_is_help=True, add_completion=False,
+app = typer.Typer(cls=LegacyDefaultGroup, no_args_is_help=True, add_completion=False,
                   help="Translate H&E tiles or whole slides to IHC with a trained translator.")
 
 Inputs = Annotated[list[str], typer.Argument(help="H&E image files, folders, globs (slides: also CSV).")]
