@@ -14,24 +14,13 @@ from typing import Any
 
 import torch
 
-from genpath.io.images import expand_inputs, read_image, write_image
+from genpath.io.images import expand_inputs, plan_outputs, read_image, write_image
 from genpath.utils.atomic import atomic_write_json
 from genpath.utils.logging import get_logger
 from normalization.base import StainNormalizer
 
 logger = get_logger(__name__)
 TILE_FORMATS = ("png", "jpg", "tif", "same")
-
-
-def tile_output_path(out: Path, relative: Path, output_format: str) -> Path:
-    """Where a tile's output goes: ``out/relative`` with the suffix of ``output_format`` (``same`` keeps it).
-
-    Example:
-        >>> tile_output_path(Path("o"), Path("a/b.jpg"), "png").as_posix()
-        'o/a/b.png'
-    """
-    suffix = relative.suffix if output_format == "same" else f".{output_format}"
-    return out / relative.with_suffix(suffix)
 
 
 def normalize_tiles(
@@ -67,9 +56,7 @@ def normalize_tiles(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     out = Path(out)
-    files = expand_inputs(inputs)
-    resolved_inputs = {p.resolve() for p, _ in files}
-    claimed: dict[Path, Path] = {}
+    plan = plan_outputs(expand_inputs(inputs), out, output_format)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     advance = progress or (lambda n: None)
@@ -78,16 +65,12 @@ def normalize_tiles(
         message = error if isinstance(error, str) else f"{error}"
         return {"input": str(path), "status": "failed", "error": message}
 
-    for start in range(0, len(files), batch_size):
+    for start in range(0, len(plan), batch_size):
         groups: dict[tuple[int, ...], list[tuple[Path, Path, torch.Tensor]]] = {}
-        for path, relative in files[start : start + batch_size]:
-            destination = tile_output_path(out, relative, output_format)
+        for path, destination, refused in plan[start : start + batch_size]:
             try:
-                if destination.resolve() in resolved_inputs:
-                    raise ValueError(f"out: writing {destination} would overwrite an input")
-                other = claimed.setdefault(destination.resolve(), path)
-                if other != path:
-                    raise ValueError(f"out: {path} and {other} would both write {destination}")
+                if refused:
+                    raise ValueError(refused)
                 image = read_image(path)
                 groups.setdefault(tuple(image.shape), []).append((path, destination, image))
             except Exception as error:  # noqa: BLE001 - one bad file must not stop the batch

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from genpath.io.images import expand_inputs, read_image, write_image
+from genpath.io.images import expand_inputs, plan_outputs, read_image, write_image
 from genpath.utils.atomic import atomic_write_json
 from genpath.utils.logging import get_logger
 from genpath.wsi import SlideBatchSettings, SlideOptions, expand_slides, run_slide_batch, run_slide_job
@@ -64,21 +64,14 @@ def translate_tiles(inputs: list[str], out: Path, translator: torch.nn.Module,
     if output_format not in ("png", "jpg", "tif", "same"):
         raise ValueError(f"output_format: expected one of ('png', 'jpg', 'tif', 'same') for tiles, "
                          f"got {output_format!r}")
-    files = expand_inputs(inputs)
-    resolved = {p.resolve() for p, _ in files}
-    claimed: dict[Path, Path] = {}
+    plan = plan_outputs(expand_inputs(inputs), out, output_format)
     records: list[dict] = []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for path, relative in files:
-        suffix = relative.suffix if output_format == "same" else f".{output_format}"
-        destination = out / relative.with_suffix(suffix)
+    for path, destination, refused in plan:
         try:
-            if destination.resolve() in resolved:
-                raise ValueError(f"out: writing {destination} would overwrite an input")
-            other = claimed.setdefault(destination.resolve(), path)
-            if other != path:
-                raise ValueError(f"out: {path} and {other} would both write {destination}")
+            if refused:
+                raise ValueError(refused)
             image = read_image(path)
             with torch.inference_mode():
                 result = translator(image)

@@ -67,3 +67,42 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, Path]]:
                 raise FileNotFoundError(f"inputs: expected an image file, folder or glob, got {item!r} (no match)")
             found.extend((m, Path(m.name)) for m in files)
     return found
+
+
+def plan_outputs(
+    files: list[tuple[Path, Path]], out: str | Path, output_format: str
+) -> list[tuple[Path, Path, str | None]]:
+    """Give each input file its output path under ``out``, refusing those that would destroy data.
+
+    An output that is one of the inputs, or that an earlier input already claimed (``a.jpg`` and
+    ``a.png`` both becoming ``a.png``), gets an error instead of being written.
+
+    Args:
+        files: ``(file, relative name)`` pairs from :func:`expand_inputs`.
+        out: output folder.
+        output_format: ``png``, ``jpg``, ``tif`` (the suffix) or ``same`` (each input's own).
+
+    Returns:
+        ``(file, destination, error)`` per input, ``error`` None when it may be written.
+
+    Example:
+        >>> plan = plan_outputs([(Path("in/a.jpg"), Path("a.jpg")), (Path("in/a.png"), Path("a.png"))], "o", "png")
+        >>> [(d.as_posix(), e is None) for _, d, e in plan]
+        [('o/a.png', True), ('o/a.png', False)]
+    """
+    out = Path(out)
+    inputs = {path.resolve() for path, _ in files}
+    claimed: dict[Path, Path] = {}
+    plan = []
+    for path, relative in files:
+        suffix = relative.suffix if output_format == "same" else f".{output_format}"
+        destination = out / relative.with_suffix(suffix)
+        key = destination.resolve()
+        error = None
+        if key in inputs:
+            error = f"out: writing {destination} would overwrite an input"
+        elif claimed.setdefault(key, path) != path:
+            error = f"out: {path} and {claimed[key]} would both write {destination}"
+        plan.append((path, destination, error))
+    return plan
+

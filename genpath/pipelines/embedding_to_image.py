@@ -20,6 +20,17 @@ from genpath.pipelines.noise import GeneratorLike, check_generator
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 
 
+def check_latent_components(vae: AutoencoderKL, unet: UNet2DConditionModel, projector: EmbeddingProjector) -> None:
+    """Raise a one-line ``ValueError`` when a VAE, UNet and embedding projector do not fit together."""
+    c = vae.config.latent_channels
+    if unet.config.in_channels != c or unet.config.out_channels != c:
+        raise ValueError(f"unet: expected in/out channels {c}/{c} for a {c}-channel VAE, "
+                         f"got {unet.config.in_channels}/{unet.config.out_channels}")
+    if unet.config.cross_attention_dim != projector.config.cross_attention_dim:
+        raise ValueError(f"projector: expected cross_attention_dim {unet.config.cross_attention_dim} (the UNet's), "
+                         f"got {projector.config.cross_attention_dim}")
+
+
 @dataclass
 class EmbeddingToImagePipelineOutput(BaseOutput):
     """Output of :class:`EmbeddingToImagePipeline`.
@@ -65,15 +76,7 @@ class EmbeddingToImagePipeline(GenpathPipelineMixin, DiffusionPipeline):
 
     def check_components(self) -> None:
         """Raise a ``ValueError`` when the parts do not fit together (a mismatched checkpoint)."""
-        c = self.vae.config.latent_channels
-        if self.unet.config.in_channels != c or self.unet.config.out_channels != c:
-            raise ValueError(f"unet: expected in/out channels {c}/{c} for a {c}-channel VAE, "
-                             f"got {self.unet.config.in_channels}/{self.unet.config.out_channels}")
-        if self.unet.config.cross_attention_dim != self.projector.config.cross_attention_dim:
-            raise ValueError(
-                f"projector: expected cross_attention_dim {self.unet.config.cross_attention_dim} (the UNet's), "
-                f"got {self.projector.config.cross_attention_dim}"
-            )
+        check_latent_components(self.vae, self.unet, self.projector)
 
     def check_inputs(self, embeddings: torch.Tensor, height: int, width: int, num_inference_steps: int,
                      guidance_scale: float, output_type: str, generator: GeneratorLike = None) -> None:

@@ -30,7 +30,7 @@ from genpath.encoders.reference import copy_encoder_reference
 from genpath.masks import check_masks, conditioning_channels, masks_to_conditioning
 from genpath.models.conditioning import EmbeddingProjector
 from genpath.models.vae import decode_tiled, downsampling_factor
-from genpath.pipelines.embedding_to_image import EmbeddingToImagePipeline
+from genpath.pipelines.embedding_to_image import EmbeddingToImagePipeline, check_latent_components
 from genpath.pipelines.loading import ARGUMENT, GenpathPipelineMixin, check_pretrained_folder
 from genpath.pipelines.noise import GeneratorLike, check_generator
 from genpath.utils.atomic import atomic_directory
@@ -121,15 +121,7 @@ class MaskToImagePipeline(GenpathPipelineMixin, DiffusionPipeline):
 
     def check_components(self) -> None:
         """Raise a ``ValueError`` when the parts do not fit together (a mismatched checkpoint)."""
-        c = self.vae.config.latent_channels
-        if self.unet.config.in_channels != c or self.unet.config.out_channels != c:
-            raise ValueError(f"unet: expected in/out channels {c}/{c} for a {c}-channel VAE, "
-                             f"got {self.unet.config.in_channels}/{self.unet.config.out_channels}")
-        if self.unet.config.cross_attention_dim != self.projector.config.cross_attention_dim:
-            raise ValueError(
-                f"projector: expected cross_attention_dim {self.unet.config.cross_attention_dim} (the UNet's), "
-                f"got {self.projector.config.cross_attention_dim}"
-            )
+        check_latent_components(self.vae, self.unet, self.projector)
         k = self.config.num_types
         expected = conditioning_channels(k)
         if self.controlnet.config.conditioning_channels != expected:
