@@ -28,14 +28,11 @@ from genpath.image_tensor import to_float_batch
 from genpath.utils.atomic import atomic_path
 from genpath.utils.logging import get_logger
 from normalization.functional import rgb_to_od, sample_pixels, tissue_mask_od
+from normalization.registry import REGISTRY, available_methods, build_normalizer, load_plugins, register_normalizer
 
 logger = get_logger(__name__)
 InvalidPolicy = Literal["passthrough", "reference", "raise"]
 INVALID_POLICIES = ("passthrough", "reference", "raise")
-_REGISTRY: dict[str, type[StainNormalizer]] = {}
-#: Entry-point group through which other packages (genpath's diffusion normalizer among them)
-#: add methods without this package importing them.
-ENTRY_POINT_GROUP = "genpath.normalizers"
 
 
 @dataclass
@@ -76,7 +73,7 @@ class StainNormalizer(nn.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.method:
-            _REGISTRY[cls.method] = cls
+            REGISTRY[cls.method] = cls
 
     def __init__(
         self,
@@ -353,13 +350,13 @@ class StainNormalizer(nn.Module):
             raise ValueError(f"path: expected a genpath normalizer .safetensors file, got an unreadable file {path} "
                              f"({error})") from None
         method = meta.get("genpath_normalizer")
-        if method not in _REGISTRY and isinstance(method, str):
-            _load_plugins(method)
-        if method not in _REGISTRY:
+        if method not in REGISTRY and isinstance(method, str):
+            load_plugins(method)
+        if method not in REGISTRY:
             raise ValueError(
                 f"path: expected a genpath normalizer file, got metadata method {method!r} in {path}"
             )
-        target = _REGISTRY[method]
+        target = REGISTRY[method]
         if cls is not StainNormalizer and not issubclass(target, cls):
             raise ValueError(f"path: expected a {cls.method} normalizer, got {method} in {path}")
         try:
@@ -373,60 +370,4 @@ class StainNormalizer(nn.Module):
         return module
 
 
-def _load_plugins(name: str | None = None) -> None:
-    """Register methods that installed packages declare in the ``genpath.normalizers`` entry-point group.
-
-    Only the plugin ``name`` is imported (all unregistered ones when None), so the classical
-    methods never pay for (or depend on) the neural ones. A plugin that fails to import is
-    skipped with a warning naming it: one broken extra must not take the others down.
-    """
-    from importlib.metadata import entry_points
-
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        if entry.name in _REGISTRY or (name is not None and entry.name != name):
-            continue
-        try:
-            cls = entry.load()
-        except Exception as error:  # noqa: BLE001 - a broken plugin must not break the registry
-            logger.warning("normalizer plugin %r (%s) failed to load: %s", entry.name, entry.value, error)
-            continue
-        _REGISTRY.setdefault(entry.name, cls)
-
-
-def register_normalizer(cls: type[StainNormalizer]) -> type[StainNormalizer]:
-    """Register a :class:`StainNormalizer` subclass under its ``method`` (usable as a class decorator).
-
-    Subclasses with a ``method`` register themselves on definition; this is for classes created
-    elsewhere. Packages that should be found without being imported declare an entry point in
-    the ``genpath.normalizers`` group instead (see ``pyproject.toml``).
-    """
-    if not cls.method:
-        raise ValueError(f"cls: expected a StainNormalizer with a 'method' name, got {cls.__name__}")
-    _REGISTRY[cls.method] = cls
-    return cls
-
-
-def available_methods() -> list[str]:
-    """Names of registered normalization methods (``macenko``, ``reinhard``, ..., and plugins such as ``stainfuser``).
-
-    Example:
-        >>> {"macenko", "reinhard", "vahadane"} <= set(available_methods())
-        True
-    """
-    from importlib.metadata import entry_points
-
-    return sorted(set(_REGISTRY) | {entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)})
-
-
-def build_normalizer(method: str, **kwargs: Any) -> StainNormalizer:
-    """Instantiate a normalizer by method name.
-
-    Example:
-        >>> build_normalizer("macenko").method
-        'macenko'
-    """
-    if method not in _REGISTRY and isinstance(method, str):
-        _load_plugins(method)
-    if method not in _REGISTRY:
-        raise ValueError(f"method: expected one of {available_methods()}, got {method!r}")
-    return _REGISTRY[method](**kwargs)
+__all__ = ["StainNormalizer", "TissueSample", "available_methods", "build_normalizer", "register_normalizer"]
