@@ -238,6 +238,11 @@ class StainNormalizer(nn.Module):
             )
         return {k: v[0] for k, v in stats.items()}
 
+    @property
+    def fits_slides(self) -> bool:
+        """Whether the slide engine should read tissue windows for :meth:`fit_slide` (source statistics)."""
+        return bool(self.uses_source_statistics)
+
     def fit_slide(
         self, images: torch.Tensor, mask: torch.Tensor | None = None
     ) -> Callable[[torch.Tensor], torch.Tensor] | None:

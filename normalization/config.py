@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from genpath.config import check_types
 from genpath.io.images import expand_inputs, read_image
 from genpath.wsi import SlideOptions
 from normalization.base import StainNormalizer, available_methods, build_normalizer
@@ -81,7 +82,14 @@ class NormalizeConfig:
         unknown = sorted(set(self.slide) - known)
         if unknown:
             raise ValueError(f"slide: unknown keys {unknown}; expected some of {sorted(known)}")
-        return SlideOptions(**self.slide, output_format=self.output_format or "tiff", batch_size=self.batch_size)
+        slide = check_types(SlideOptions, self.slide, "slide")
+        return SlideOptions(**slide, output_format=self.output_format or "tiff", batch_size=self.batch_size)
+
+    def require_source(self) -> None:
+        """Raise a one-line ``ValueError`` unless a target or a saved state is given."""
+        if not (self.target or self.state):
+            raise ValueError("target: expected a target image (--target FILE) or a saved state (--state FILE), "
+                             "got neither")
 
 
 def load_or_fit_normalizer(
@@ -112,15 +120,33 @@ def load_or_fit_normalizer(
         True
     """
     options = dict(options or {})
-    if state:
-        normalizer = StainNormalizer.load(state, **options)
-    elif target:
-        normalizer = build_normalizer(method, **options)
-        try:
-            files = expand_inputs(target)
-        except FileNotFoundError as error:
-            raise FileNotFoundError(str(error).replace("inputs:", "target:", 1)) from None
-        normalizer.fit([read_image(path) for path, _ in files])
-    else:
+    if not (state or target):
         raise ValueError("target: expected a target image (--target FILE) or a saved state (--state FILE), got neither")
+    try:
+        normalizer = StainNormalizer.load(state, **options) if state else build_normalizer(method, **options)
+    except TypeError as error:  # an option the method does not take
+        raise ValueError(f"options: expected settings of the {method!r} normalizer, got {error}") from None
+    if not state:
+        normalizer.fit(read_targets(target))
     return normalizer.to(device).eval()
+
+
+def read_targets(target: list[str] | str) -> list:
+    """Read target image files (files, folders or globs) as uint8 ``(3,H,W)`` tensors.
+
+    Raises:
+        FileNotFoundError: a target matches nothing (named ``target``).
+        ValueError: a target is not a readable image (named ``target``).
+    """
+    try:
+        files = expand_inputs([target] if isinstance(target, str) else target)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(str(error).replace("inputs:", "target:", 1)) from None
+    images = []
+    for path, _ in files:
+        try:
+            images.append(read_image(path))
+        except (OSError, ValueError) as error:  # PIL: UnidentifiedImageError is an OSError
+            raise ValueError(f"target: expected a readable image, got {path} ({type(error).__name__})") from None
+    return images
+

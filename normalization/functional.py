@@ -320,7 +320,10 @@ def vahadane_stain_matrix(
         lipschitz = torch.linalg.eigvalsh(gram)[..., -1].clamp(min=1e-6)[:, None, None]
         grad = gram @ conc - stains.transpose(1, 2) @ od
         conc = (conc - (grad + sparsity) / lipschitz).clamp(min=0)
-        hht = conc @ conc.transpose(1, 2) + eye
+        hht = conc @ conc.transpose(1, 2)
+        # a ridge relative to the Gram's scale: a fixed 1e-6 vanishes in float32 next to large
+        # concentrations, leaving a singular matrix when one stain is absent (binary tiles)
+        hht = hht + eye * hht.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=1.0)[:, None, None]
         stains = (od @ conc.transpose(1, 2)) @ torch.linalg.inv(hht)
         stains = F.normalize(stains.clamp(min=0), dim=1)
     stains = order_stains(stains[..., 0], stains[..., 1])

@@ -51,7 +51,7 @@ def load_plugins(name: str | None = None) -> None:
 
 
 def register_normalizer(cls: NormalizerClass) -> NormalizerClass:
-    """Register a :class:`~normalization.base.StainNormalizer` subclass under its ``method`` (usable as a class decorator).
+    """Register a :class:`~normalization.base.StainNormalizer` subclass under its ``method`` (a class decorator).
 
     Subclasses with a ``method`` register themselves on definition; this is for classes created
     elsewhere. Packages that should be found without being imported declare an entry point in

@@ -3,7 +3,8 @@
 Files are read, grouped by size, normalized together in batches of ``batch_size`` and written
 to ``out`` under their relative names (atomically). One bad file becomes a ``failed`` record
 and the rest go on; no output is ever written over an input or over another input's output.
-``out/manifest.json`` lists every file's status and is rewritten atomically after each batch.
+``out/manifest.json`` lists every file's status; it is rewritten atomically every few seconds
+and at the end.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from genpath.io.images import expand_inputs, plan_outputs, read_image, write_image
-from genpath.utils.atomic import atomic_write_json
+from genpath.utils.atomic import PeriodicJsonWriter
 from genpath.utils.logging import get_logger
 from normalization.base import StainNormalizer
 
@@ -59,6 +60,7 @@ def normalize_tiles(
     plan = plan_outputs(expand_inputs(inputs), out, output_format)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
+    manifest = PeriodicJsonWriter(out / "manifest.json")
     advance = progress or (lambda n: None)
 
     def failed(path: Path, error: Exception | str) -> dict[str, Any]:
@@ -79,8 +81,8 @@ def normalize_tiles(
         for items in groups.values():
             records.extend(_normalize_group(items, normalizer, device))
             advance(len(items))
-        atomic_write_json(out / "manifest.json", records)
-    atomic_write_json(out / "manifest.json", records)
+        manifest.update(records)
+    manifest.flush(records)
     logger.info("normalized %d files into %s", len(records), out)
     return records
 

@@ -33,8 +33,11 @@ SLIDE_KEYS = ("tile_size", "overlap", "level", "compression")
 OPTION_KEYS = ("on_invalid", "model")
 
 
-def detect_mode(inputs: Sequence[str | Path], output_format: str | None = None) -> Mode:
-    """``slides`` when ``output_format`` is a slide format or any input is a slide, else ``tiles``."""
+def detect_mode(inputs: Sequence[str | Path], output_format: str | None = None,
+                config_file: str | Path | None = None) -> Mode:
+    """``slides`` when ``output_format`` (given, or the config file's) is a slide format or any input is a slide."""
+    if output_format is None and config_file is not None:
+        output_format = load_config(config_file, NormalizeConfig, section="normalize").output_format
     if output_format in ("tiff", "ome-zarr"):
         return "slides"
     return "slides" if inputs_hold_slides(inputs) else "tiles"
@@ -60,6 +63,9 @@ def resolve_normalize_config(config_file: str | Path | None, mode: Mode, **overr
     if "state" in given:
         given["state"] = str(given["state"])
     merged = {**base.__dict__, **given, "slide": slide, "options": options}
+    if merged["method"] == "stainfuser":
+        # registers the plugin even where package metadata is missing (a source checkout on PYTHONPATH)
+        import genpath.pipelines.stainfuser_normalizer  # noqa: F401
     if merged["method"] == "stainfuser" and "overlap" not in slide and mode == "slides":
         merged["slide"]["overlap"] = 32  # a tile-wise model: feather-blend overlapping windows
     formats = {"tiles": ("png", "jpg", "tif", "same"), "slides": ("tiff", "ome-zarr")}[mode]
@@ -91,6 +97,7 @@ def run_normalize_tiles(
     progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Fit (or load) the normalizer once and normalize image tiles into ``out`` (see :func:`normalize_tiles`)."""
+    config.require_source()
     _check_state_destination(save_state, inputs, config)
     normalizer = load_or_fit_normalizer(config.method, config.target, config.state, config.options, config.device)
     if save_state:
@@ -110,6 +117,7 @@ def run_normalize_slides(
     tile_progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Normalize whole slides into ``out`` (see :func:`normalization.batch.run_batch`)."""
+    config.require_source()
     _check_state_destination(save_state, inputs, config)
     if save_state:
         normalizer_for(config, config_hash(config)).save(save_state)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from genpath.io.images import expand_inputs, plan_outputs, read_image, write_image
-from genpath.utils.atomic import atomic_write_json
+from genpath.utils.atomic import PeriodicJsonWriter
 from genpath.utils.logging import get_logger
 from genpath.wsi import SlideBatchSettings, SlideOptions, expand_slides, run_slide_batch, run_slide_job
 
@@ -68,6 +68,7 @@ def translate_tiles(inputs: list[str], out: Path, translator: torch.nn.Module,
     records: list[dict] = []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    manifest = PeriodicJsonWriter(out / "manifest.json")
     for path, destination, refused in plan:
         try:
             if refused:
@@ -81,8 +82,8 @@ def translate_tiles(inputs: list[str], out: Path, translator: torch.nn.Module,
             records.append({"input": str(path), "status": "failed", "error": f"{type(error).__name__}: {error}"})
         if on_done:
             on_done()
-        atomic_write_json(out / "manifest.json", records)
-    atomic_write_json(out / "manifest.json", records)
+        manifest.update(records)
+    manifest.flush(records)
     return records
 
 

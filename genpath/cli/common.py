@@ -10,10 +10,14 @@ from typing import Any, NoReturn, TypeVar
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from typer.core import TyperGroup
 
+from genpath.utils.logging import get_logger
+
 console = Console(stderr=True)
+logger = get_logger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Exit codes: 0 all done, 1 some items failed (the rest were written), 2 bad arguments or config.
@@ -23,7 +27,7 @@ EXIT_USAGE = 2
 
 def fail(message: str) -> NoReturn:
     """Print ``error: message`` on one line to stderr and exit with code 2 (bad argument or config)."""
-    console.print(f"[red]error[/red]: {message}", highlight=False, markup=True, soft_wrap=True)
+    console.print(f"[red]error[/red]: {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=EXIT_USAGE)
 
 
@@ -32,6 +36,8 @@ def user_errors(function: F) -> F:
 
     Library code raises these with one-line messages that name the argument; a command lets
     them through this decorator, so the user sees that line (exit code 2), never a traceback.
+    With ``genpath -v`` the traceback is logged too (a ValueError from deep inside a run may be
+    a bug rather than a bad argument).
     """
 
     @functools.wraps(function)
@@ -39,21 +45,29 @@ def user_errors(function: F) -> F:
         try:
             return function(*args, **kwargs)
         except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:
+            logger.info("traceback of the error below", exc_info=True)
             fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
     return wrapper  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
-    """Show a progress bar on a terminal (silent otherwise); yields ``update(completed=, total=, advance=)``."""
+def progress_bars(*descriptions: str) -> Iterator[list[Callable[..., None]]]:
+    """Show progress bars on a terminal (silent otherwise), one per description, in one display.
+
+    Yields one ``update(completed=, total=, advance=, description=)`` per bar.
+    """
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task(description, total=total)
+        tasks = [progress.add_task(description, total=None) for description in descriptions]
+        yield [functools.partial(progress.update, task) for task in tasks]
 
-        def update(**kwargs: Any) -> None:
-            progress.update(task, **kwargs)
 
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+    """Show one progress bar on a terminal (silent otherwise); yields ``update(completed=, total=, advance=)``."""
+    with progress_bars(description) as (update,):
+        update(total=total)
         yield update
 
 
@@ -62,7 +76,8 @@ def report_failures(rows: list[dict[str, Any]], summary: str) -> None:
     failed = [row for row in rows if row.get("status") == "failed"]
     console.print(summary, highlight=False)
     for row in failed:
-        console.print(f"[red]failed[/red] {row['input']}: {row.get('error', '')}", highlight=False)
+        console.print(f"[red]failed[/red] {escape(str(row['input']))}: {escape(str(row.get('error', '')))}",
+                      highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(code=EXIT_FAILED_ITEMS)
 

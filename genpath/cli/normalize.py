@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from genpath.cli.common import LegacyDefaultGroup, console, progress_bar, report_failures, user_errors
+from genpath.cli.common import LegacyDefaultGroup, console, progress_bar, progress_bars, report_failures, user_errors
 from normalization.base import available_methods
 
 _NOTICE = ("note: 'genpath normalize INPUTS' without 'tiles' or 'slides' is deprecated and will be removed in "
@@ -89,7 +90,7 @@ def auto(inputs: Inputs, out: Out, method: Method = None, model: Model = None, t
     console.print(_NOTICE, style="yellow", highlight=False)
     options: dict[str, Any] = dict(method=method, model=model, target=target, state=state, batch_size=batch_size,
                                    output_format=output_format, on_invalid=on_invalid)
-    if detect_mode(inputs, output_format) == "tiles":
+    if detect_mode(inputs, output_format, config) == "tiles":
         _run_tiles(inputs, out, resolve_normalize_config(config, "tiles", **options), save_state)
         return
     cfg = resolve_normalize_config(
@@ -112,19 +113,30 @@ def _run_tiles(inputs: list[str], out: Path, cfg: Any, save_state: Path | None) 
 
 def _run_slides(inputs: list[str], out: Path, cfg: Any, save_state: Path | None) -> None:
     from genpath.apps.normalize import run_normalize_slides
+    from genpath.wsi import expand_slides
 
     counts = {"done": 0, "failed": 0, "resumed": 0}
-    with progress_bar(f"slides ({cfg.method})") as update:
+    total = len(expand_slides(inputs, out, cfg.slide_options().output_format))
+    with progress_bars(f"slides ({cfg.method})", "tiles") as (update, tiles):
+        update(total=total)
+
+        def on_start(job: dict, index: int) -> None:
+            tiles(description=f"tiles of {Path(job['input']).name}", completed=0, total=None)
 
         def on_slide(row: dict) -> None:
             counts["resumed" if row.get("resumed") else row["status"]] += 1
             update(advance=1)
+            if row["status"] == "failed":
+                console.print(f"[red]failed[/red] {escape(row['input'])}: {escape(row['error'])}", highlight=False)
 
         try:
-            rows = run_normalize_slides(inputs, out, cfg, save_state, on_slide=on_slide)
+            rows = run_normalize_slides(inputs, out, cfg, save_state, on_slide=on_slide, on_start=on_start,
+                                        tile_progress=lambda done, count: tiles(completed=done, total=count))
         except RuntimeError as error:  # --fail-fast stopped the batch
-            console.print(f"[red]stopped[/red]: {error}", highlight=False)
+            console.print(f"[red]stopped[/red]: {escape(str(error))}", highlight=False)
             raise typer.Exit(code=1) from error
     failed = sum(r["status"] == "failed" for r in rows)
-    report_failures(rows, f"slides normalized {counts['done']}, already done (resumed) {counts['resumed']}, "
-                          f"failed {failed}; outputs, manifest.csv and config.yaml in {out}")
+    console.print(f"slides normalized {counts['done']}, already done (resumed) {counts['resumed']}, failed {failed}; "
+                  f"outputs, manifest.csv and config.yaml in {out}", highlight=False)
+    if failed:
+        raise typer.Exit(code=1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import importlib
 from pathlib import Path
 from typing import Annotated
 
@@ -24,18 +23,11 @@ def train(
     output_dir: Annotated[Path | None, typer.Option(help="Override train.output_dir.")] = None,
 ) -> None:
     """Train a genpath model with accelerate; resumes from the last checkpoint in train.output_dir."""
-    from genpath.training.configs import load_train_config
+    from genpath.training.run import run_training
 
     kind = TrainerKind(kind).value
-    cfg = load_train_config(str(config), kind)
-    if max_steps is not None:
-        cfg.train.max_steps = max_steps
-    if output_dir is not None:
-        cfg.train.output_dir = str(output_dir)
-    cfg.train.__post_init__()
-    module, name = TRAINERS[kind].function.split(":")
-    final = getattr(importlib.import_module(module), name)(cfg)
-    console.print(f"{kind}: saved {final} (log: {Path(cfg.train.output_dir) / 'log.jsonl'})", highlight=False)
+    final = run_training(kind, config, max_steps, output_dir)
+    console.print(f"{kind}: saved {final} (log: {Path(final).parent / 'log.jsonl'})", highlight=False)
 
 
 train.__doc__ = f"{train.__doc__}\n\nKinds:\n\n{_KINDS}"

@@ -110,7 +110,7 @@ def load_train_config(path: str, section: str) -> TrainConfig:
         ValueError: bad YAML, a missing section, unknown keys, wrong types (one line each).
     """
     from genpath.config import read_yaml
-    from genpath.training.options import TRAINERS, resolve_options
+    from genpath.training.options import TRAINERS, check_model_block, resolve_options
 
     raw = read_yaml(path) or {}
     if not isinstance(raw, dict) or section not in raw:
@@ -122,4 +122,5 @@ def load_train_config(path: str, section: str) -> TrainConfig:
     config = TrainConfig.from_dict(block)
     if section in TRAINERS:
         config.options = resolve_options(section, config.options)
+        check_model_block(section, config.model, config.options)
     return config

@@ -104,32 +104,48 @@ class TranslatorOptions:
 
 @dataclass(frozen=True)
 class TrainerSpec:
-    """One ``genpath train KIND``: its function (``module:function``), options class, example config, summary."""
+    """One ``genpath train KIND``.
+
+    Attributes:
+        function: the trainer, ``module:function``.
+        options: its typed options dataclass.
+        example: an example config.
+        summary: one line for ``--help``.
+        model: the class (``module:Class``) whose constructor takes the ``model:`` block;
+            ``translator`` picks by ``options.kind`` (``gan`` / ``diffusion``); None: no block.
+    """
 
     function: str
     options: type
     example: str
     summary: str
+    model: str | dict[str, str] | None = None
 
 
 TRAINERS: dict[str, TrainerSpec] = {
     "encoder": TrainerSpec("genpath.training.encoder:train_encoder", EncoderOptions, "configs/encoder_small.yaml",
-                           "Train the small SimCLR histology encoder."),
+                           "Train the small SimCLR histology encoder.",
+                           "genpath.encoders.small_cnn:SmallHistologyEncoder"),
     "vae": TrainerSpec("genpath.training.vae:train_vae", VAEOptions, "configs/vae_small.yaml",
-                       "Train the VAE (diffusers AutoencoderKL)."),
+                       "Train the VAE (diffusers AutoencoderKL).", "diffusers:AutoencoderKL"),
     "ldm": TrainerSpec("genpath.training.ldm:train_ldm", LDMOptions, "configs/ldm_small.yaml",
-                       "Train the embedding-conditioned latent diffusion model (saves an EmbeddingToImagePipeline)."),
+                       "Train the embedding-conditioned latent diffusion model (saves an EmbeddingToImagePipeline).",
+                       "diffusers:UNet2DConditionModel"),
     "histaug": TrainerSpec("genpath.training.histaug:train_histaug", HistAugOptions, "configs/histaug_small.yaml",
-                           "Train HistAug (feature-space augmentation) for a frozen registered encoder."),
+                           "Train HistAug (feature-space augmentation) for a frozen registered encoder.",
+                           "augment.histaug:HistAugModel"),
     "stainfuser": TrainerSpec("genpath.training.stainfuser:train_stainfuser", StainFuserOptions,
                               "configs/stainfuser_small.yaml",
-                              "Train the diffusion stain normalizer on restaining-simulator triplets."),
+                              "Train the diffusion stain normalizer on restaining-simulator triplets.",
+                              "diffusers:UNet2DConditionModel"),
     "controlnet": TrainerSpec("genpath.training.controlnet:train_controlnet", ControlNetOptions,
                               "configs/controlnet_hgsc.yaml",
                               "Train the nuclei-mask ControlNet on a frozen LDM (saves a MaskToImagePipeline)."),
     "translator": TrainerSpec("genpath.training.translator:train_translator", TranslatorOptions,
                               "configs/translator_bci_gan.yaml",
-                              "Train an H&E->IHC translator on registered pairs (options.kind: gan or diffusion)."),
+                              "Train an H&E->IHC translator on registered pairs (options.kind: gan or diffusion).",
+                              {"gan": "genpath.translation.networks:ResnetTranslator",
+                               "diffusion": "diffusers:UNet2DConditionModel"}),
 }
 
 
@@ -148,3 +164,33 @@ def resolve_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
     options = check_types(cls, options, f"options ({kind})")
     resolved = dataclasses.asdict(cls(**options))
     return {k: v for k, v in resolved.items() if v is not None or k in options}
+
+
+def check_model_block(kind: str, model: dict[str, Any], options: dict[str, Any]) -> None:
+    """Check the ``model:`` block's keys against the constructor of the class the trainer builds.
+
+    Raises:
+        ValueError: a key the class does not take, or a block for a trainer that builds no model
+            from it (one line, naming the keys and the class).
+    """
+    import importlib
+    import inspect
+
+    spec = TRAINERS[kind].model
+    if isinstance(spec, dict):
+        spec = spec.get(options.get("kind", "gan"))
+    if spec is None:
+        if model:
+            raise ValueError(f"model: expected no 'model' block for {kind} (it is built from options), "
+                             f"got keys {sorted(model)}")
+        return
+    module, name = spec.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    parameters = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(model) - set(parameters) - {"self"})
+    if unknown:
+        raise ValueError(f"model: unknown keys {unknown} for {name}; expected some of "
+                         f"{sorted(set(parameters) - {'self'})}")
+

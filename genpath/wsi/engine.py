@@ -154,7 +154,7 @@ def _process_open_slide(
 
     # 2. per-slide fit (only for processors that want one)
     tile_function = processor
-    if hasattr(processor, "fit_slide"):
+    if hasattr(processor, "fit_slide") and getattr(processor, "fits_slides", True):
         images, image_mask = _fit_images(reader, thumbnail, mask, mask_ds, options)
         tile_function = tile_function_for_slide(processor, images, image_mask)
 

@@ -7,6 +7,8 @@
   tissue-detection image with its mask (``fit_on="thumbnail"``), and it returns the tile
   function for that slide, or None to be called as it is (no usable statistics). A stain
   normalizer fits the slide's source stains here, so every tile of the slide gets the same map.
+  A fitter whose ``fits_slides`` attribute is False (a neural normalizer without slide
+  statistics) is not given any windows: nothing is read for it.
 
 Example:
     >>> import torch

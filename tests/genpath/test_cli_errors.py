@@ -21,6 +21,10 @@ def files(tmp_path):
     (tmp_path / "train_unknown.yaml").write_text("vae: {data: {roots: [x]}, options: {kl_wieght: 1.0}}\n")
     (tmp_path / "train_type.yaml").write_text("vae: {data: {roots: [x]}, train: {max_steps: ten}}\n")
     (tmp_path / "no_section.yaml").write_text("ldm: {}\n")
+    (tmp_path / "bad_options.yaml").write_text(f"normalize: {{target: [{TARGET}], options: {{bogus: 1}}}}\n")
+    (tmp_path / "bad_slide.yaml").write_text(f"normalize: {{target: [{TARGET}], slide: {{tile_size: big}}}}\n")
+    (tmp_path / "bad_model.yaml").write_text("vae: {data: {roots: [x]}, model: {bogus: 1}}\n")
+    (tmp_path / "not_an_image.png").write_bytes(b"not an image")
     shutil.copy(TILE, tmp_path / "tile.jpg")
     (tmp_path / "not_a_state.safetensors").write_bytes(b"garbage")
     return tmp_path
@@ -48,7 +52,14 @@ CASES = [
     (["normalize", "slides", TILE, "--out", "{o}", "--target", TARGET, "--tile-size", "100"], "tile_size"),
     (["normalize", "slides", TILE, "--out", "{o}", "--target", TARGET, "--compression", "lzw"], "compression"),
     (["normalize", "slides", TILE, "--out", "{o}", "--target", TARGET, "--executor", "spark"], "executor"),
+    (["normalize", "tiles", TILE, "--out", "{o}", "--config", "{d}/bad_options.yaml"], "options"),
+    (["normalize", "tiles", TILE, "--out", "{o}", "--target", "{d}/not_an_image.png"], "target"),
+    (["normalize", "slides", TILE, "--out", "{o}", "--config", "{d}/bad_slide.yaml"], "tile_size"),
+    (["normalize", "slides", TILE, "--out", "{o}"], "--target"),
+    (["normalize", "slides", TILE, "--out", "{o}", "--target", "{d}/nothing*.png"], "target"),
+    (["normalize", "tiles", TILE, "--out", "{o}", "--target", TARGET, "--method", "[bold]x[/bold]"], "[bold]x[/bold]"),
     (["train", "vae", "--config", "{d}/missing.yaml"], "config"),
+    (["train", "vae", "--config", "{d}/bad_model.yaml"], "bogus"),
     (["train", "vae", "--config", "{d}/train_unknown.yaml"], "kl_wieght"),
     (["train", "vae", "--config", "{d}/train_type.yaml"], "max_steps"),
     (["train", "vae", "--config", "{d}/no_section.yaml"], "'vae' section"),
@@ -65,7 +76,8 @@ def test_bad_input_is_one_named_line(files, args, fragment):
     argv = [a.format(d=files, o=files / "out") for a in args]
     result = runner.invoke(app, argv)
     assert result.exit_code == 2, (argv, result.output)
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and fragment in errors[0], result.output
 
