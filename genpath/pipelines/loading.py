@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
@@ -134,8 +135,9 @@ class GenpathPipelineMixin:
         """
         folder = check_pretrained_folder(pretrained_model_name_or_path, ARGUMENT, f"{cls.__name__} folder")
         kwargs.pop("local_files_only", None)
-        if "torch_dtype" in kwargs:
-            raise ValueError("torch_dtype: expected dtype= (torch_dtype is deprecated in diffusers), got torch_dtype")
+        if "torch_dtype" in kwargs:  # diffusers' old name: accepted, with the same notice diffusers gives
+            warnings.warn("torch_dtype= is deprecated; pass dtype= instead", FutureWarning, stacklevel=2)
+            dtype = kwargs.pop("torch_dtype")
         with _progress_bars(not disable_progress_bar):
             pipe = cls._load_folder(folder, dtype=dtype, disable_progress_bar=disable_progress_bar, **kwargs)
         pipe.check_components()
