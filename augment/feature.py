@@ -16,6 +16,26 @@ from torch import nn
 from augment.histaug import HistAugModel
 
 
+def load_histaug(folder: str | Path) -> HistAugModel:
+    """Load a saved :class:`HistAugModel` from a local folder: float32, safetensors only, never the network.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not an existing local folder (a Hub id is refused at
+            once instead of being looked up).
+        ValueError: the folder holds no HistAug weights in safetensors.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model: expected a local HistAug folder, got {folder} (missing; genpath never "
+                                "downloads)")
+    try:
+        return HistAugModel.from_pretrained(str(path), dtype=torch.float32, local_files_only=True,
+                                            use_safetensors=True)
+    except OSError as error:
+        raise ValueError(f"model: expected HistAug weights (config.json + safetensors) in {folder}, got "
+                         f"{str(error).splitlines()[0]}") from None
+
+
 class HistAugTransform(nn.Module):
     """Augment bags of patch embeddings with a frozen HistAug model.
 
@@ -39,7 +59,7 @@ class HistAugTransform(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(model, str | Path):
-            model = HistAugModel.from_pretrained(str(model), dtype=torch.float32)
+            model = load_histaug(model)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p: expected a probability in [0, 1], got {p}")
         if mode not in ("wsi", "patch"):

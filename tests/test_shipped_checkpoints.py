@@ -47,7 +47,7 @@ def test_stainfuser_small_normalizes_and_keeps_white_tiles():
 def test_controlnet_hgsc_generates_from_the_shipped_masks():
     from genpath.pipelines import MaskToImagePipeline
 
-    pipe = MaskToImagePipeline.from_pretrained(CK / "controlnet_hgsc")
+    pipe = MaskToImagePipeline.from_pretrained(CK / "controlnet_hgsc", base=CK / "ldm_small")
     data = np.load(ROOT / "samples" / "masks" / "hgsc_nest_heldout_tiles.npz")
     inst, types = torch.from_numpy(data["instances"][:2]), torch.from_numpy(data["types"][:2])
     images = pipe(inst, types, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
@@ -72,11 +72,12 @@ def test_shipped_pipelines_load_through_one_quiet_path():
 
     from genpath.pipelines import EmbeddingToImagePipeline, MaskToImagePipeline, StainTransferPipeline
 
-    for cls, name in ((EmbeddingToImagePipeline, "ldm_small"), (StainTransferPipeline, "stainfuser_small"),
-                      (MaskToImagePipeline, "controlnet_hgsc")):
+    for cls, name, kwargs in ((EmbeddingToImagePipeline, "ldm_small", {}),
+                              (StainTransferPipeline, "stainfuser_small", {}),
+                              (MaskToImagePipeline, "controlnet_hgsc", {"base": CK / "ldm_small"})):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # fp16 -> float32 through dtype=, no deprecation warning
-            pipe = cls.from_pretrained(CK / name)
+            pipe = cls.from_pretrained(CK / name, **kwargs)
         assert type(pipe) is cls and pipe._progress_bar_config == {"disable": True}
         assert all(p.dtype == torch.float32 for m in pipe.components.values() if isinstance(m, torch.nn.Module)
                    for p in m.parameters())

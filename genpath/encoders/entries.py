@@ -46,7 +46,8 @@ def genpath_small(path: str | Path | None = None, model=None) -> ImageEncoder:  
 
     if model is None:
         folder = _require_file(path, "path", "save_pretrained folder of SmallHistologyEncoder")
-        model = SmallHistologyEncoder.from_pretrained(str(folder)).float()  # shipped weights are fp16
+        model = SmallHistologyEncoder.from_pretrained(str(folder), local_files_only=True,
+                                                      use_safetensors=True).float()  # shipped weights: fp16
     return SmallEncoderWrapper(model)
 
 
@@ -133,7 +134,7 @@ class TorchScriptEncoder(ImageEncoder):
         return out.mean(tuple(range(2, out.ndim))) if out.ndim > 2 else out
 
 
-@register_encoder("torchscript")
+@register_encoder("torchscript", runs_code=True)
 def torchscript_encoder(
     path: str | Path | None = None,
     input_size: int | None = 224,

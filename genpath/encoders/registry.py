@@ -26,18 +26,36 @@ from genpath.encoders.base import ImageEncoder
 EncoderFactory = Callable[..., ImageEncoder]
 _FAMILIES: dict[str, EncoderFactory] = {}
 _PRESETS: dict[str, dict[str, Any]] = {}
+_RUNS_CODE: set[str] = set()
 
 
-def register_encoder(family: str, presets: dict[str, dict[str, Any]] | None = None) -> Callable:
-    """Register a factory under ``family``; ``presets`` maps tags to default keyword arguments."""
+def register_encoder(family: str, presets: dict[str, dict[str, Any]] | None = None,
+                     runs_code: bool = False) -> Callable:
+    """Register a factory under ``family``; ``presets`` maps tags to default keyword arguments.
+
+    ``runs_code`` marks families that execute code from a user-given file (TorchScript): they
+    are never created from a model folder's ``encoder.json`` without explicit trust.
+    """
 
     def decorate(factory: EncoderFactory) -> EncoderFactory:
         _FAMILIES[family] = factory
         for tag, kwargs in (presets or {}).items():
             _PRESETS[f"{family}.{tag}"] = kwargs
+        if runs_code:
+            _RUNS_CODE.add(family)
         return factory
 
     return decorate
+
+
+def encoder_runs_code(name: str) -> bool:
+    """Whether the encoder ``name`` (``family`` or ``family.tag``) executes code from a file it is given.
+
+    Example:
+        >>> encoder_runs_code("torchscript"), encoder_runs_code("genpath-small.samples")
+        (True, False)
+    """
+    return name.partition(".")[0] in _RUNS_CODE
 
 
 def list_encoders() -> list[str]:

@@ -40,7 +40,7 @@ def load_vae(path: str) -> AutoencoderKL:
 
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"vae: expected a diffusers AutoencoderKL folder with config.json, got {path}")
-    return AutoencoderKL.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    return AutoencoderKL.from_pretrained(str(path), dtype=torch.float32, local_files_only=True, use_safetensors=True)
 
 
 def downsampling_factor(vae: AutoencoderKL) -> int:

@@ -84,6 +84,28 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
             diffusers_logging.enable_progress_bar()
 
 
+#: Where a model_index.json component may come from: diffusers itself or genpath's own modules.
+#: Anything else (a module file inside the folder, any other installed package) is refused before
+#: diffusers imports it, so loading a folder never imports or runs code the folder chose.
+TRUSTED_LIBRARIES = ("diffusers",)
+TRUSTED_LIBRARY_PREFIXES = ("genpath.",)
+
+
+def _check_libraries(index: Path, spec: dict[str, Any]) -> None:
+    """Refuse components whose library is not diffusers or genpath (no custom code from a folder)."""
+    if spec.get("_custom_pipeline") or spec.get("custom_pipeline"):
+        raise ValueError(f"{ARGUMENT}: expected no custom pipeline code in {index}, got one "
+                         "(genpath never runs code from a model folder)")
+    for key, value in spec.items():
+        if key.startswith("_") or not isinstance(value, list) or not value or value[0] is None:
+            continue
+        library = value[0]
+        if not isinstance(library, str) or not (library in TRUSTED_LIBRARIES
+                                                or library.startswith(TRUSTED_LIBRARY_PREFIXES)):
+            raise ValueError(f"{ARGUMENT}: expected components from diffusers or genpath in {index}, got "
+                             f"{key} from {library!r} (genpath never imports code a model folder names)")
+
+
 def _pipeline_class(name: str | None) -> type[GenpathPipelineMixin] | None:
     """Return the genpath pipeline class called ``name`` (importing genpath's pipeline modules on demand)."""
     if name not in _PIPELINES and isinstance(name, str):
@@ -153,7 +175,13 @@ class GenpathPipelineMixin:
         index = folder / "model_index.json"
         if not index.is_file():
             raise FileNotFoundError(f"{ARGUMENT}: expected a {cls.__name__} folder with model_index.json, got {folder}")
-        spec = json.loads(index.read_text())
+        try:
+            spec = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{ARGUMENT}: expected JSON in {index}, got a parse error ({error})") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"{ARGUMENT}: expected a JSON object in {index}, got {type(spec).__name__}")
+        _check_libraries(index, spec)
         name = spec.get("_class_name")
         target = _pipeline_class(name)
         if target is None or not issubclass(target, cls):
@@ -161,7 +189,13 @@ class GenpathPipelineMixin:
                              f"got _class_name {name!r} in {folder}")
         target._check_index(folder, spec, provided=set(kwargs))
         parent = super(GenpathPipelineMixin, target)
-        return parent.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **kwargs)
+        # weights from safetensors only: never torch.load of a pickle from an untrusted folder
+        try:
+            return parent.from_pretrained(str(folder), dtype=dtype, local_files_only=True, use_safetensors=True,
+                                          **kwargs)
+        except OSError as error:  # diffusers' "no safetensors / missing file" errors are EnvironmentErrors
+            raise ValueError(f"{ARGUMENT}: expected every component's weights as safetensors in {folder}, got "
+                             f"{str(error).splitlines()[0][:200]}") from None
 
     @classmethod
     def _check_index(cls, folder: Path, spec: dict[str, Any], provided: set[str]) -> None:

@@ -26,7 +26,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from genpath.encoders.reference import copy_encoder_reference
+from genpath.encoders.reference import copy_encoder_reference, resolve_inside
 from genpath.masks import check_masks, conditioning_channels, masks_to_conditioning
 from genpath.models.conditioning import EmbeddingProjector
 from genpath.models.vae import decode_tiled, downsampling_factor
@@ -89,32 +89,48 @@ class MaskToImagePipeline(GenpathPipelineMixin, DiffusionPipeline):
     @classmethod
     def _load_folder(cls, folder: Path, dtype: torch.dtype, disable_progress_bar: bool = True,
                      **kwargs: Any) -> MaskToImagePipeline:
-        """Load a full pipeline folder, or a ControlNet folder with ``base.json`` naming its base LDM.
+        """Load a full pipeline folder, or a ControlNet folder composed with its base LDM.
 
-        ``base.json`` holds ``{"pipeline": <the EmbeddingToImagePipeline folder, relative to this
-        one>, "num_types": K}``; the base supplies VAE, UNet, projector and scheduler.
+        ``base.json`` holds ``{"pipeline": <where the base was>, "num_types": K,
+        "base_fingerprint": <sha256 of the base UNet's weights>}``; the base supplies VAE, UNet,
+        projector and scheduler. A model folder is untrusted: ``pipeline`` is followed only when
+        it lies *inside* this folder; otherwise the caller passes ``base=`` (``--base``), which
+        is checked against the fingerprint, so a ControlNet is never composed with the wrong LDM.
         """
         if (folder / "model_index.json").is_file():
+            if kwargs.pop("base", None) is not None:
+                raise ValueError(f"base: expected only with a ControlNet-only folder, got a full pipeline in {folder}")
             return super()._load_folder(folder, dtype=dtype, disable_progress_bar=disable_progress_bar, **kwargs)
         record = folder / "base.json"
         if not record.is_file():
             raise FileNotFoundError(f"{ARGUMENT}: expected a MaskToImagePipeline folder (model_index.json) or a "
                                     f"ControlNet folder with base.json, got {folder}")
+        base_arg = kwargs.pop("base", None)
         unknown = sorted(set(kwargs) - {"scheduler"})
         if unknown:
-            raise ValueError(f"kwargs: expected at most a scheduler= override for a ControlNet folder, got {unknown}")
+            raise ValueError(f"kwargs: expected at most base= and scheduler= for a ControlNet folder, got {unknown}")
         if not (folder / "config.json").is_file():
             raise ValueError(f"{ARGUMENT}: expected the ControlNet's config.json next to base.json, "
                              f"got none in {folder}")
-        spec = json.loads(record.read_text())
-        if "pipeline" not in spec:
-            raise ValueError(f"{ARGUMENT}: expected a 'pipeline' entry in {record}, got keys {sorted(spec)}")
-        base_dir = Path(spec["pipeline"])
-        base_dir = check_pretrained_folder(base_dir if base_dir.is_absolute() else folder / base_dir,
-                                           f"{record} pipeline", "EmbeddingToImagePipeline folder")
+        spec = _read_base_record(record)
+        if base_arg is not None:
+            base_dir = check_pretrained_folder(base_arg, "base", "EmbeddingToImagePipeline folder")
+        else:
+            try:
+                base_dir = resolve_inside(folder, spec["pipeline"], "base.json pipeline")
+            except ValueError:
+                raise ValueError(f"base: expected the base EmbeddingToImagePipeline folder given explicitly (base= / "
+                                 f"--base): {record} names {spec['pipeline']!r}, outside the ControlNet folder, and "
+                                 "genpath never follows a model folder's paths outside it") from None
+            base_dir = check_pretrained_folder(base_dir, "base.json pipeline", "EmbeddingToImagePipeline folder")
+        expected = spec.get("base_fingerprint")
+        if expected is not None and base_fingerprint(base_dir) != expected:
+            raise ValueError(f"base: expected the LDM this ControlNet was trained on (fingerprint {expected[:12]}), "
+                             f"got {base_dir} (fingerprint {base_fingerprint(base_dir)[:12]})")
         base = EmbeddingToImagePipeline.from_pretrained(base_dir, dtype=dtype,
                                                         disable_progress_bar=disable_progress_bar)
-        controlnet = ControlNetModel.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        controlnet = ControlNetModel.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
+                                                     use_safetensors=True)
         logger.debug("composed a MaskToImagePipeline from the ControlNet %s and the base %s", folder, base_dir)
         return cls(vae=base.vae, unet=base.unet, projector=base.projector, controlnet=controlnet,
                    scheduler=kwargs.get("scheduler", base.scheduler), num_types=int(spec.get("num_types", 0)))
@@ -224,19 +240,47 @@ class MaskToImagePipeline(GenpathPipelineMixin, DiffusionPipeline):
         return MaskToImagePipelineOutput(images=images)
 
 
+def base_fingerprint(base: str | Path) -> str:
+    """SHA-256 of a base LDM's UNet weights: identifies the base a ControlNet was trained on."""
+    import hashlib
+
+    weights = sorted((Path(base) / "unet").glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"base: expected unet/*.safetensors in {base}, got none")
+    digest = hashlib.sha256()
+    for file in weights:
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_base_record(record: Path) -> dict[str, Any]:
+    try:
+        spec = json.loads(record.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{ARGUMENT}: expected JSON in {record}, got a parse error ({error})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("pipeline"), str):
+        raise ValueError(f"{ARGUMENT}: expected a 'pipeline' entry in {record}, got {spec!r:.80}")
+    if not isinstance(spec.get("num_types", 0), int) or not 0 <= spec.get("num_types", 0) <= 64:
+        raise ValueError(f"{ARGUMENT}: expected 'num_types' an integer in 0..64 in {record}, got {spec['num_types']!r}")
+    return spec
+
+
 def export_controlnet(pipeline: str | Path, base: str | Path, destination: str | Path) -> Path:
-    """Write the ControlNet of a trained pipeline as fp16 safetensors + ``base.json`` (relative to ``base``).
+    """Write the ControlNet of a trained pipeline as fp16 safetensors + ``base.json`` (a hint and a fingerprint).
 
     The folder is written atomically (it appears complete or not at all) and loads with
-    ``MaskToImagePipeline.from_pretrained(destination)``.
+    ``MaskToImagePipeline.from_pretrained(destination, base=base)`` (``base`` may be left out
+    only when it lies inside ``destination``).
     """
     destination = Path(destination)
     pipe = MaskToImagePipeline.from_pretrained(pipeline)
     relative = os.path.relpath(Path(base).resolve(), destination.resolve())
-    with atomic_directory(destination) as tmp:  # a sibling of destination: the same relative paths
+    record = {"pipeline": relative, "num_types": pipe.config.num_types, "base_fingerprint": base_fingerprint(base)}
+    with atomic_directory(destination) as tmp:
         pipe.controlnet.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / "base.json").write_text(json.dumps({"pipeline": relative, "num_types": pipe.config.num_types},
-                                                  indent=1))
+        (tmp / "base.json").write_text(json.dumps(record, indent=1))
         if (Path(pipeline) / "encoder.json").is_file():
             copy_encoder_reference(pipeline, tmp)
     return destination

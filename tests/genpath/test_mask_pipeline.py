@@ -121,13 +121,14 @@ def test_train_controlnet_two_steps(ldm_dir, tmp_path):
     inst, types = masks()
     full = pipe(inst, types, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images
     assert full.shape == (2, 3, 32, 32)
-    # shipped form: the ControlNet alone (fp16) + base.json pointing at the LDM
+    # shipped form: the ControlNet alone (fp16) + base.json (a hint and the base's fingerprint);
+    # the base lies outside the ControlNet folder, so it is given explicitly
     from genpath.encoders.reference import load_encoder_reference
     from genpath.pipelines.mask_to_image import export_controlnet
 
     export_controlnet(tmp_path / "cn" / "pipeline", ldm_dir, tmp_path / "shipped")
     assert not (tmp_path / "shipped" / "model_index.json").exists()
-    light = MaskToImagePipeline.from_pretrained(tmp_path / "shipped")
+    light = MaskToImagePipeline.from_pretrained(tmp_path / "shipped", base=ldm_dir)
     assert light.config.num_types == 3 and next(light.controlnet.parameters()).dtype == torch.float32
     again = light(inst, types, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(again, full, atol=2e-2, rtol=0)
@@ -156,25 +157,37 @@ def test_controlnet_folder_loads_through_the_same_path(mask_pipe, ldm_dir, tmp_p
     import os
     import warnings
 
-    from genpath.pipelines.mask_to_image import export_controlnet
+    from genpath.pipelines.mask_to_image import base_fingerprint, export_controlnet
 
     mask_pipe.save_pretrained(tmp_path / "full")
     folder = export_controlnet(tmp_path / "full", ldm_dir, tmp_path / "cn")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cn", "full"]  # written atomically: no leftovers
-    assert json.loads((folder / "base.json").read_text()) == {"pipeline": os.path.relpath(ldm_dir, folder),
-                                                              "num_types": 3}
+    record = json.loads((folder / "base.json").read_text())
+    assert {k: record[k] for k in ("pipeline", "num_types")} == {"pipeline": os.path.relpath(ldm_dir, folder),
+                                                                 "num_types": 3}
+    assert record["base_fingerprint"] == base_fingerprint(ldm_dir)
+    with pytest.raises(ValueError, match="base: expected the base EmbeddingToImagePipeline folder given explicitly"):
+        MaskToImagePipeline.from_pretrained(folder)  # base.json's path leaves the folder: never followed
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        light = MaskToImagePipeline.from_pretrained(folder)
+        light = MaskToImagePipeline.from_pretrained(folder, base=ldm_dir)
     assert light.config.num_types == 3 and next(light.controlnet.parameters()).dtype == torch.float32
     assert light._progress_bar_config == {"disable": True}
     torch.testing.assert_close(run(light), run(mask_pipe), atol=2e-2, rtol=0)  # fp16 ControlNet, same images
-    (folder / "base.json").write_text(json.dumps({"pipeline": "../nowhere", "num_types": 3}))
-    with pytest.raises(FileNotFoundError, match="base.json pipeline: expected a local EmbeddingToImagePipeline"):
-        MaskToImagePipeline.from_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="base: expected a local EmbeddingToImagePipeline"):
+        MaskToImagePipeline.from_pretrained(folder, base=tmp_path / "nowhere")
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(ldm_dir, tmp_path / "other")  # another LDM: same layout, other UNet weights
+    weights = tmp_path / "other" / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v + 1e-3 for k, v in load_file(str(weights)).items()}, str(weights))
+    with pytest.raises(ValueError, match="base: expected the LDM this ControlNet was trained on"):
+        MaskToImagePipeline.from_pretrained(folder, base=tmp_path / "other")
     (folder / "base.json").write_text(json.dumps({"pipeline": os.path.relpath(ldm_dir, folder), "num_types": 1}))
     with pytest.raises(ValueError, match="controlnet: expected 3 conditioning channels for 1 nucleus types"):
-        MaskToImagePipeline.from_pretrained(folder)
+        MaskToImagePipeline.from_pretrained(folder, base=ldm_dir)
     (folder / "base.json").unlink()
     with pytest.raises(FileNotFoundError, match="or a ControlNet folder with base.json"):
         MaskToImagePipeline.from_pretrained(folder)
