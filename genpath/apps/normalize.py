@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from genpath.config import check_types, load_config
 from genpath.utils.logging import get_logger
+from genpath.utils.paths import require_output_folder
 from genpath.wsi import inputs_hold_slides
 from normalization.batch import config_hash, normalizer_for, run_batch
 from normalization.config import NormalizeConfig, load_or_fit_normalizer
@@ -98,6 +99,7 @@ def run_normalize_tiles(
 ) -> list[dict[str, Any]]:
     """Fit (or load) the normalizer once and normalize image tiles into ``out`` (see :func:`normalize_tiles`)."""
     config.require_source()
+    require_output_folder(out)
     _check_state_destination(save_state, inputs, config)
     normalizer = load_or_fit_normalizer(config.method, config.target, config.state, config.options, config.device)
     if save_state:
@@ -118,6 +120,7 @@ def run_normalize_slides(
 ) -> list[dict[str, Any]]:
     """Normalize whole slides into ``out`` (see :func:`normalization.batch.run_batch`)."""
     config.require_source()
+    require_output_folder(out)
     _check_state_destination(save_state, inputs, config)
     if save_state:
         normalizer_for(config, config_hash(config)).save(save_state)

@@ -22,6 +22,7 @@ import torch
 from genpath.io.images import expand_inputs, plan_outputs, read_image, write_image
 from genpath.utils.atomic import PeriodicJsonWriter
 from genpath.utils.logging import get_logger
+from genpath.utils.paths import require_output_folder
 from genpath.wsi import SlideBatchSettings, SlideOptions, expand_slides, run_slide_batch, run_slide_job
 
 logger = get_logger(__name__)
@@ -98,6 +99,7 @@ def translate_slides(inputs: list[str], out: Path, translator: torch.nn.Module, 
     The slide engine (:mod:`genpath.wsi`) streams overlapping windows through ``translator``
     with feathered blending; ``out/manifest.csv`` is rewritten after every slide.
     """
+    require_output_folder(out)
     output_format = options.output_format or "tiff"
     slide_options = SlideOptions(tile_size=options.tile_size, overlap=options.overlap, level=options.level,
                                  batch_size=options.batch_size, output_format=output_format, compression="jpeg")

@@ -14,8 +14,8 @@ from typing import Annotated
 import typer
 
 from genpath import __version__
+from genpath.cli import common, normalize, synth, train, translate
 from genpath.cli import eval as eval_commands
-from genpath.cli import normalize, synth, train, translate
 from genpath.utils.logging import set_verbosity
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,11 +31,13 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what genpath does (INFO).")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Run the generative stain and augmentation engine for computational pathology."""
-    set_verbosity(logging.INFO if verbose else logging.WARNING)
+    set_verbosity(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    common.DEBUG["on"] = debug
 
 
 app.add_typer(normalize.app, name="normalize")

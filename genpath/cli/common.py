@@ -17,6 +17,8 @@ from typer.core import TyperGroup
 from genpath.utils.logging import get_logger
 
 console = Console(stderr=True)
+#: Set by ``genpath --debug``: errors keep their traceback.
+DEBUG = {"on": False}
 logger = get_logger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,17 +38,23 @@ def user_errors(function: F) -> F:
 
     Library code raises these with one-line messages that name the argument; a command lets
     them through this decorator, so the user sees that line (exit code 2), never a traceback.
-    With ``genpath -v`` the traceback is logged too (a ValueError from deep inside a run may be
-    a bug rather than a bad argument).
+    I/O errors (an ``--out`` that is a file, a read-only folder, a full disk) end the same way.
+    With ``genpath --debug`` the error is raised with its traceback instead (a ValueError from
+    deep inside a run may be a bug rather than a bad argument).
     """
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:
-            logger.info("traceback of the error below", exc_info=True)
-            fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        except (ValueError, OSError) as error:
+            if DEBUG["on"]:
+                raise
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+                where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+                message = f"{type(error).__name__}{where}: {error.strerror or message}"
+            fail(message)
 
     return wrapper  # type: ignore[return-value]
 

@@ -221,7 +221,11 @@ def _run_dask(task: SlideTask, jobs: list[dict], settings: SlideBatchSettings, r
         raise RuntimeError("executor: 'dask' needs dask.distributed: pip install 'genpath[dask]'") from error
     cluster = None
     if settings.scheduler:
-        client = Client(settings.scheduler)
+        try:
+            client = Client(settings.scheduler, timeout=10)
+        except (OSError, TimeoutError) as error:
+            raise ValueError(f"scheduler: expected a reachable dask scheduler, got {settings.scheduler} "
+                             f"({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
     else:
         cluster = LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True,
                                dashboard_address=None)

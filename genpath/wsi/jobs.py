@@ -33,8 +33,8 @@ def is_slide_input(path: Path) -> bool:
 
             with tifffile.TiffFile(str(path)) as tif:
                 return bool(tif.pages[0].is_tiled or len(tif.series[0].levels) > 1 or tif.is_ome)
-        except Exception:  # noqa: BLE001 - unreadable: let the slide path report it
-            return True
+        except Exception:  # noqa: BLE001 - unreadable: a broken tile, not a reason to switch modes
+            return False
     return path.suffix.lower() in SLIDE_SUFFIXES
 
 
@@ -106,6 +106,7 @@ def expand_slides(inputs: Iterable[str | Path], out: Path, output_format: str) -
             the same output.
     """
     found: list[tuple[Path, Path, float | None]] = []
+    out_resolved = Path(out).resolve()
     for item in inputs:
         path = Path(item)
         if path.suffix.lower() == ".csv" and path.is_file():
@@ -114,6 +115,8 @@ def expand_slides(inputs: Iterable[str | Path], out: Path, output_format: str) -
             for candidate in sorted(path.rglob("*")):
                 if candidate.name.startswith(".") or any(p.name.lower().endswith(".zarr") for p in candidate.parents):
                     continue
+                if candidate.resolve().is_relative_to(out_resolved):
+                    continue  # the output folder inside an input folder: never re-read our own outputs
                 wanted = candidate.is_file() and candidate.suffix.lower() in SLIDE_SUFFIXES + PLAIN_SUFFIXES
                 if wanted or (candidate.is_dir() and candidate.name.lower().endswith(".zarr")):
                     found.append((candidate, candidate.relative_to(path), None))
