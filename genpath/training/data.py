@@ -101,7 +101,13 @@ class ZarrTileDataset(Dataset):
         import zarr
 
         self.path, self.array = str(path), array
-        shape = zarr.open_group(self.path, mode="r")[array].shape
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"data.zarr: expected a zarr folder of tiles, got {path} (missing)")
+        try:
+            shape = zarr.open_group(self.path, mode="r")[array].shape
+        except (KeyError, OSError, ValueError) as error:
+            raise ValueError(f"data.zarr: expected a zarr group with an array '{array}', got {path} "
+                             f"({type(error).__name__})") from None
         if len(shape) != 4 or shape[1] != 3:
             raise ValueError(f"path: expected an (N,3,S,S) array '{array}', got shape {shape} in {path}")
         self.length = int(shape[0])

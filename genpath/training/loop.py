@@ -11,6 +11,7 @@ Layout of ``output_dir``:
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,13 @@ class LoopSettings:
         for name in ("max_steps", "batch_size", "checkpoint_every", "log_every", "sample_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate: expected a finite positive number, got {self.learning_rate}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay: expected a finite number >= 0, got {self.weight_decay}")
+        if self.keep_checkpoints < 1 or self.num_workers < 0:
+            raise ValueError(f"keep_checkpoints / num_workers: expected >= 1 / >= 0, got {self.keep_checkpoints} / "
+                             f"{self.num_workers}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision: expected no, fp16 or bf16, got {self.mixed_precision!r}")
 
