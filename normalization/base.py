@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -50,6 +52,14 @@ class TissueSample:
     od: torch.Tensor
     mask: torch.Tensor
     enough: torch.Tensor
+
+
+def _non_finite(state: dict[str, torch.Tensor]) -> tuple[str | None, str]:
+    """Find the first float tensor of ``state`` holding NaN or infinity: ``(name, "NaN")`` or ``(None, "")``."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name, "NaN" if bool(torch.isnan(tensor).any()) else "infinity"
+    return None, ""
 
 
 class StainNormalizer(nn.Module):
@@ -207,6 +217,10 @@ class StainNormalizer(nn.Module):
             ValueError: the targets hold too little tissue to estimate stains.
         """
         self._fit_target(self._pool(target_images, tissue_mask, "target_images"))
+        name, what = _non_finite(self.state_dict())
+        if name is not None:
+            raise ValueError(f"target_images: expected images whose stain state can be estimated, "
+                             f"got {what} in the fitted {name}")
         self.fitted.fill_(True)
         return self
 
@@ -368,9 +382,19 @@ class StainNormalizer(nn.Module):
             saved = json.loads(meta.get("config", "{}"))
             if not isinstance(saved, dict):
                 raise TypeError(f"config is a {type(saved).__name__}")
+            bad = [k for k, v in saved.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                raise ValueError(f"path: expected finite settings in {path}, got {bad[0]}={saved[bad[0]]}")
             module = target(**{**saved, **overrides})
-            module.load_state_dict(load_file(str(path)))
-        except (TypeError, RuntimeError, json.JSONDecodeError) as error:
+            state = load_file(str(path))
+        except (TypeError, RuntimeError, json.JSONDecodeError, SafetensorError) as error:
+            raise ValueError(f"path: expected a valid {method} normalizer state in {path}, got {error}") from None
+        name, what = _non_finite(state)
+        if name is not None:
+            raise ValueError(f"path: expected finite values in every tensor of {path}, got {what} in {name}")
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as error:
             raise ValueError(f"path: expected a valid {method} normalizer state in {path}, got {error}") from None
         return module
 

@@ -146,7 +146,9 @@ def read_targets(target: list[str] | str) -> list:
     for path, _ in files:
         try:
             images.append(read_image(path))
-        except (OSError, ValueError) as error:  # PIL: UnidentifiedImageError is an OSError
-            raise ValueError(f"target: expected a readable image, got {path} ({type(error).__name__})") from None
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"target: {error}") from None
+        except (OSError, ValueError) as error:  # read_image's one-line errors name the file and the reason
+            raise ValueError(f"target: {str(error).splitlines()[0]}") from None
     return images
 

@@ -14,6 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from genpath.models.conditioning import EmbeddingProjector
 from genpath.models.vae import decode_tiled, downsampling_factor
+from genpath.pipelines.checks import MAX_GUIDANCE, check_conditioning, check_number, check_size, check_steps
 from genpath.pipelines.loading import GenpathPipelineMixin
 from genpath.pipelines.noise import GeneratorLike, check_generator
 
@@ -83,13 +84,12 @@ class EmbeddingToImagePipeline(GenpathPipelineMixin, DiffusionPipeline):
         """Validate everything before any compute is spent."""
         self.check_components()
         self.projector.check_embeddings(embeddings)
+        check_conditioning(embeddings, "embeddings")
         f = self.vae_scale_factor
-        if height <= 0 or width <= 0 or height % f or width % f:
-            raise ValueError(f"height/width: expected positive multiples of the VAE factor {f}, got {height}x{width}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: expected at least 1, got {num_inference_steps}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale: expected >= 0 (1 = no guidance), got {guidance_scale}")
+        check_size(height, "height", f)
+        check_size(width, "width", f)
+        check_steps(num_inference_steps)
+        check_number(guidance_scale, "guidance_scale", 0.0, MAX_GUIDANCE, "1 = no guidance")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected pt, np, pil or latent, got {output_type!r}")
         check_generator(generator, embeddings.shape[0])

@@ -28,6 +28,7 @@ from diffusers.utils import BaseOutput
 
 from genpath.image_tensor import to_float_batch
 from genpath.models.vae import decode_tiled, downsampling_factor, encode_tiled
+from genpath.pipelines.checks import check_steps
 from genpath.pipelines.loading import GenpathPipelineMixin
 from genpath.pipelines.noise import GeneratorLike, check_generator, shared_noise
 from genpath.translation.networks import ResnetTranslator
@@ -116,8 +117,7 @@ class LatentTranslationPipeline(ImageTranslationPipeline):
         """Validate everything before any compute is spent."""
         self.check_components()
         _check_size(rgb, self.size_multiple)
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: expected at least 1, got {num_inference_steps}")
+        check_steps(num_inference_steps)
         if output_type not in ("pt", "latent"):
             raise ValueError(f"output_type: expected 'pt' or 'latent', got {output_type!r}")
         check_generator(generator, rgb.shape[0])
@@ -192,8 +192,7 @@ class GeneratorTranslationPipeline(ImageTranslationPipeline):
         """Validate everything before any compute is spent."""
         self.check_components()
         _check_size(rgb, self.size_multiple)
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: expected at least 1, got {num_inference_steps}")
+        check_steps(num_inference_steps)
         if output_type != "pt":
             raise ValueError(f"output_type: expected 'pt', got {output_type!r}")
         check_generator(generator, rgb.shape[0])

@@ -15,6 +15,7 @@ region's embedding grid (or an interpolated one) lays out the synthetic image.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from genpath.models.vae import decode_tiled
+from genpath.pipelines.checks import check_conditioning, check_size
 from genpath.tiling import feather_weights
 
 
@@ -67,6 +69,24 @@ def _weights(h: int, w: int, overlap: int, device: torch.device) -> torch.Tensor
     return (wy[:, None] * wx[None, :]).to(device)
 
 
+def _check_large_inputs(embedding_grid: torch.Tensor, mode: str, generator: object, overlap: object,
+                        decode_tile: object, tile: int, factor: int) -> None:
+    """Raise a one-line ``ValueError`` naming the first bad argument of :func:`generate_large_image`."""
+    if not isinstance(embedding_grid, torch.Tensor) or embedding_grid.ndim != 3 or 0 in embedding_grid.shape:
+        got = tuple(embedding_grid.shape) if isinstance(embedding_grid, torch.Tensor) else type(embedding_grid).__name__
+        raise ValueError(f"embedding_grid: expected a non-empty (gh, gw, D) tensor, got {got}")
+    check_conditioning(embedding_grid, "embedding_grid")
+    if mode not in ("shifted", "overlap"):
+        raise ValueError(f"mode: expected 'shifted' or 'overlap', got {mode!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: expected one torch.Generator (one canvas), got {type(generator).__name__}")
+    if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, numbers.Integral)
+                                or not 0 <= overlap < tile):
+        raise ValueError(f"overlap: expected an integer in [0, {tile}) latent pixels (below the tile), got {overlap!r}")
+    if decode_tile is not None:
+        check_size(decode_tile, "decode_tile", factor)
+
+
 @torch.no_grad()
 def generate_large_image(
     pipe,  # noqa: ANN001 - EmbeddingToImagePipeline
@@ -98,16 +118,11 @@ def generate_large_image(
         A :class:`LargeImagePipelineOutput` with the image and its cost against plain tiles.
     """
     # 1. checks
-    if embedding_grid.ndim != 3:
-        raise ValueError(f"embedding_grid: expected (gh, gw, D), got shape {tuple(embedding_grid.shape)}")
-    if mode not in ("shifted", "overlap"):
-        raise ValueError(f"mode: expected 'shifted' or 'overlap', got {mode!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator: expected one torch.Generator (one canvas), got {type(generator).__name__}")
-    gh, gw, d = embedding_grid.shape
     tile = pipe.unet.config.sample_size
     f = pipe.vae_scale_factor
     multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    _check_large_inputs(embedding_grid, mode, generator, overlap, decode_tile, tile, f)
+    gh, gw, d = embedding_grid.shape
     pipe.check_inputs(embedding_grid.reshape(-1, d), tile * f, tile * f, num_inference_steps, guidance_scale, "pt")
     device = pipe._execution_device
     height, width = gh * tile, gw * tile

@@ -30,6 +30,13 @@ from genpath.encoders.reference import copy_encoder_reference, resolve_inside
 from genpath.masks import check_masks, conditioning_channels, masks_to_conditioning
 from genpath.models.conditioning import EmbeddingProjector
 from genpath.models.vae import decode_tiled, downsampling_factor
+from genpath.pipelines.checks import (
+    MAX_CONDITIONING_SCALE,
+    MAX_GUIDANCE,
+    check_conditioning,
+    check_number,
+    check_steps,
+)
 from genpath.pipelines.embedding_to_image import EmbeddingToImagePipeline, check_latent_components
 from genpath.pipelines.loading import ARGUMENT, GenpathPipelineMixin, check_pretrained_folder
 from genpath.pipelines.noise import GeneratorLike, check_generator
@@ -156,14 +163,12 @@ class MaskToImagePipeline(GenpathPipelineMixin, DiffusionPipeline):
                              f"got {inst.shape[-2]}x{inst.shape[-1]}")
         if embeddings is not None:
             self.projector.check_embeddings(embeddings)
+            check_conditioning(embeddings, "embeddings")
             if embeddings.shape[0] != inst.shape[0]:
                 raise ValueError(f"embeddings: expected one per mask ({inst.shape[0]}), got {embeddings.shape[0]}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: expected at least 1, got {num_inference_steps}")
-        if guidance_scale < 0 or scale < 0:
-            raise ValueError(
-                f"guidance_scale/controlnet_conditioning_scale: expected >= 0, got {guidance_scale}/{scale}"
-            )
+        check_steps(num_inference_steps)
+        check_number(guidance_scale, "guidance_scale", 0.0, MAX_GUIDANCE, "1 = no guidance")
+        check_number(scale, "controlnet_conditioning_scale", 0.0, MAX_CONDITIONING_SCALE, "0 ignores the mask")
         if output_type not in ("pt", "latent"):
             raise ValueError(f"output_type: expected 'pt' or 'latent', got {output_type!r}")
         check_generator(generator, inst.shape[0])

@@ -35,6 +35,7 @@ from diffusers.utils import BaseOutput
 from genpath.image_tensor import to_float_batch
 from genpath.models.style import StyleTokenizer, latent_cells
 from genpath.models.vae import decode_tiled, downsampling_factor, encode_tiled
+from genpath.pipelines.checks import check_conditioning, check_steps
 from genpath.pipelines.loading import GenpathPipelineMixin
 from genpath.pipelines.noise import GeneratorLike, check_generator, shared_noise
 from normalization.functional import rgb_to_od, tissue_mask_od
@@ -147,14 +148,14 @@ class StainTransferPipeline(GenpathPipelineMixin, DiffusionPipeline):
         """Validate everything before any compute is spent."""
         self.check_components()
         d = self.unet.config.cross_attention_dim
+        if not isinstance(style_tokens, torch.Tensor):
+            raise ValueError(f"style_tokens: expected a tensor from encode_style, got {type(style_tokens).__name__}")
         if style_tokens.ndim != 3 or style_tokens.shape[-1] != d or style_tokens.shape[0] not in (1, rgb.shape[0]):
             raise ValueError(
                 f"style_tokens: expected (1 or B,N,{d}) from encode_style, got {tuple(style_tokens.shape)}"
             )
-        if not torch.isfinite(style_tokens).all():
-            raise ValueError("style_tokens: expected finite values, got NaN or inf")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: expected at least 1, got {num_inference_steps}")
+        check_conditioning(style_tokens, "style_tokens")
+        check_steps(num_inference_steps)
         if output_type not in ("pt", "latent"):
             raise ValueError(f"output_type: expected 'pt' or 'latent', got {output_type!r}")
         check_generator(generator, rgb.shape[0])
