@@ -9,6 +9,11 @@
    always ``OUT/embeddings.npy`` and ``OUT/manifest.csv`` (one row per sample: id, condition,
    source, seed, model, guidance, steps, file). The manifest is rewritten atomically after each
    batch; a rerun skips the samples it lists, so an interrupted run neither loses nor duplicates.
+4. Settings: ``OUT/run.json`` records what decides the samples (model folder and a fingerprint of
+   its config files, a fingerprint of the conditions, n, seed, steps, guidance, size, format)
+   before anything else is written. A rerun with the same settings resumes; one with other
+   settings is refused (:func:`prepare_run_folder`) unless ``overwrite``, which first deletes
+   only what a synth run writes (:func:`clear_run_outputs`). No input may lie among the outputs.
 
 The pipeline loads with ``EmbeddingToImagePipeline.from_pretrained`` (genpath's one loading path).
 """
@@ -16,7 +21,11 @@ The pipeline loads with ``EmbeddingToImagePipeline.from_pretrained`` (genpath's 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +36,9 @@ from genpath.encoders.base import ImageEncoder
 from genpath.encoders.reference import load_encoder_reference
 from genpath.pipelines.embedding_to_image import EmbeddingToImagePipeline
 from genpath.pipelines.loading import check_pretrained_folder
-from genpath.utils.atomic import atomic_path, atomic_write_csv
+from genpath.utils.atomic import atomic_path, atomic_write_csv, atomic_write_json
 from genpath.utils.logging import get_logger
+from genpath.utils.paths import require_output_folder
 
 logger = get_logger(__name__)
 MANIFEST_FIELDS = ("id", "condition", "source", "seed", "model", "guidance", "steps", "file")
@@ -49,6 +59,7 @@ class SynthConfig:
     steps: int = 25
     batch_size: int = 8
     size: int | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if bool(self.from_images) == bool(self.embeddings):
@@ -92,6 +103,144 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+RUN_FILE = "run.json"
+RUN_CREATOR = "genpath synth"
+RUN_FILES = ("manifest.csv", "embeddings.npy", RUN_FILE)
+RUN_STORES = ("images.zarr", "pairs.zarr")
+#: file names a synth run writes in ``OUT/images`` and ``OUT/masks`` (and their hidden temporaries)
+RUN_SAMPLES = {"images": r"(?:cond\d{5}_\d{3,}|\d{6,})\.png", "masks": r"\d{6,}\.npz"}
+_TEMPORARY = r"\.(?:{})\.[A-Za-z0-9_]+\.(?:png|npz|csv|npy|json)"
+
+
+def files_fingerprint(paths: Iterable[str | Path]) -> str:
+    """SHA-256 over the contents of ``paths``, in order (names do not count)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
+
+
+def model_fingerprint(folder: str | Path, exclude: str | Path | None = None) -> str:
+    """SHA-256 over the names and contents of a model folder's config files (``*.json``, ``*.yaml``), not weights.
+
+    Hidden files and anything under ``exclude`` (an output folder inside the model folder) do not count.
+    """
+    folder = Path(folder)
+    skip = Path(exclude).resolve() if exclude is not None else None
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".json", ".yaml", ".yml")
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                   and not (skip and p.resolve().is_relative_to(skip)))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + bytes.fromhex(files_fingerprint([path])))
+    return digest.hexdigest()
+
+
+def check_inputs_outside(out: Path, inputs: Iterable[str | Path], argument: str) -> None:
+    """Refuse an input that is one of the files a synth run writes into ``out`` (or lies in its output folders)."""
+    out = out.resolve()
+    written = {out / name for name in RUN_FILES}
+    folders = [out / name for name in (*RUN_SAMPLES, *RUN_STORES)]
+    for item in inputs:
+        path = Path(item).resolve()
+        if path in written or any(path.is_relative_to(folder) for folder in folders):
+            raise ValueError(f"{argument}: expected an input outside the outputs of {out}, got {item}")
+
+
+def _sample_files(out: Path) -> list[Path]:
+    """Sample files and temporaries of sample files a synth run wrote in ``out/images`` and ``out/masks``."""
+    found = []
+    for sub, names in RUN_SAMPLES.items():
+        pattern = re.compile(f"{names}|{_TEMPORARY.format(names)}")
+        if (out / sub).is_dir():
+            found.extend(p for p in (out / sub).iterdir() if p.is_file() and pattern.fullmatch(p.name))
+    return found
+
+
+def _stale_temporaries(out: Path) -> list[Path]:
+    pattern = re.compile(_TEMPORARY.format("|".join(re.escape(n) for n in RUN_FILES)))
+    top = [p for p in out.iterdir() if p.is_file() and pattern.fullmatch(p.name)] if out.is_dir() else []
+    return top + [p for p in _sample_files(out) if p.name.startswith(".")]
+
+
+def clear_run_outputs(out: str | Path) -> None:
+    """Delete what a synth run writes in ``out``, nothing else.
+
+    That is ``run.json``, ``manifest.csv``, ``embeddings.npy``, ``images.zarr``/``pairs.zarr``
+    and the sample files (by their names) in ``images/`` and ``masks/``, removed when empty.
+    """
+    out = Path(out)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in RUN_STORES:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    for path in _sample_files(out) + _stale_temporaries(out):
+        path.unlink(missing_ok=True)
+    for sub in RUN_SAMPLES:
+        if (out / sub).is_dir() and not any((out / sub).iterdir()):
+            (out / sub).rmdir()
+
+
+def _has_outputs(out: Path) -> bool:
+    return any((out / name).exists() for name in (*RUN_FILES, *RUN_STORES)) or any(
+        not p.name.startswith(".") for p in _sample_files(out))
+
+
+def _recorded_settings(record: Path) -> dict | None:
+    """Read the settings in ``run.json`` (None when absent, ``{}`` when unreadable or not written by genpath synth)."""
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError, IsADirectoryError):
+        return {}
+    ok = isinstance(data, dict) and data.get("created_by") == RUN_CREATOR
+    return data["settings"] if ok and isinstance(data.get("settings"), dict) else {}
+
+
+def prepare_run_folder(out: str | Path, settings: dict, overwrite: bool = False) -> bool:
+    """Make ``out`` ready for a run with ``settings``: record them in ``out/run.json`` (atomically).
+
+    Args:
+        out: the output folder (created).
+        settings: what decides the samples (JSON-serializable; ``command`` tells synth from synth --masks).
+        overwrite: start over: delete a previous run's outputs (:func:`clear_run_outputs`) first.
+
+    Returns:
+        Whether a previous run with the same settings is resumed.
+
+    Raises:
+        ValueError: ``out`` holds a run with other settings, or outputs without a readable
+            ``run.json``, and ``overwrite`` is false (nothing is touched).
+    """
+    out = require_output_folder(out)
+    settings = json.loads(json.dumps(settings, allow_nan=False))  # compare as recorded
+    record = out / RUN_FILE
+    previous = _recorded_settings(record) if out.is_dir() else None
+    expected = f"out: expected the settings of the run already in {out} (or --overwrite), got"
+    if not overwrite:
+        if previous == settings:
+            for path in _stale_temporaries(out):
+                path.unlink(missing_ok=True)
+            return True
+        if previous == {}:
+            raise ValueError(f"{expected} an unreadable {record} or one genpath synth did not write")
+        if previous is not None:
+            keys = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+            raise ValueError(f"{expected} different {', '.join(keys)}")
+        if _has_outputs(out):
+            raise ValueError(f"{expected} outputs without {RUN_FILE} (an older genpath or another program)")
+    elif previous is not None or _has_outputs(out):
+        logger.info("--overwrite: deleting the previous run's outputs in %s", out)
+    if out.is_dir():
+        clear_run_outputs(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, {"created_by": RUN_CREATOR, "settings": settings})
+    return False
+
+
 def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Generate (or finish generating) a synthetic dataset; returns the manifest rows."""
     folder = check_pretrained_folder(cfg.model, "model", "EmbeddingToImagePipeline folder")
@@ -101,7 +250,13 @@ def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = No
     size = cfg.size or pipe.unet.config.sample_size * f
     pipe.check_inputs(embeddings, size, size, cfg.steps, cfg.guidance, "pt")  # fail before any compute
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    inputs = [cfg.embeddings] if cfg.embeddings else sources
+    check_inputs_outside(out, inputs, "embeddings" if cfg.embeddings else "from_images")
+    settings = {"command": "synth", "model": str(folder.resolve()), "model_config": model_fingerprint(folder, out),
+                "conditions": files_fingerprint(inputs), "n_conditions": len(sources),
+                "n_per_condition": cfg.n_per_condition, "seed": cfg.seed, "steps": cfg.steps,
+                "guidance": cfg.guidance, "size": size, "output_format": cfg.output_format}
+    prepare_run_folder(out, settings, cfg.overwrite)
     with atomic_path(out / "embeddings.npy") as tmp:
         np.save(tmp, embeddings.numpy())
     n_total = len(sources) * cfg.n_per_condition

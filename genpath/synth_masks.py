@@ -9,6 +9,10 @@
    ``(N,3,H,W)`` uint8, ``instances``/``types`` ``(N,H,W)`` int32, one chunk per sample) or
    ``OUT/images/*.png`` + ``OUT/masks/*.npz``; ``OUT/manifest.csv`` is rewritten atomically per
    batch and a rerun skips what it lists.
+4. Settings: ``OUT/run.json`` (:func:`genpath.synth.prepare_run_folder`) records the model and a
+   fingerprint of its config files, of the masks and of the style images, n, seed, steps,
+   guidance, ControlNet scale, tile and format; a rerun with other settings is refused unless
+   ``overwrite`` (which deletes only what a synth run writes).
 
 The pipeline loads with ``MaskToImagePipeline.from_pretrained`` (a full pipeline folder or a
 ControlNet folder with ``base.json``).
@@ -16,6 +20,7 @@ ControlNet folder with ``base.json``).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +33,7 @@ from genpath.io.images import expand_inputs, read_image, write_image
 from genpath.masks import check_masks
 from genpath.pipelines.loading import check_pretrained_folder
 from genpath.pipelines.mask_to_image import MaskToImagePipeline
-from genpath.synth import read_manifest
+from genpath.synth import check_inputs_outside, files_fingerprint, model_fingerprint, prepare_run_folder, read_manifest
 from genpath.utils.atomic import atomic_path, atomic_write_csv
 from genpath.utils.logging import get_logger
 
@@ -54,6 +59,7 @@ class MaskSynthConfig:
     steps: int = 25
     batch_size: int = 8
     tile: int | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.output_format not in ("zarr", "png"):
@@ -117,6 +123,16 @@ def tile_masks(masks: list[tuple[str, torch.Tensor, torch.Tensor | None]], tile:
     return out
 
 
+def masks_fingerprint(masks: list[tuple[str, torch.Tensor, torch.Tensor | None]]) -> str:
+    """SHA-256 over the names, shapes and label values of the (tiled) masks, in order."""
+    digest = hashlib.sha256()
+    for name, inst, types in masks:
+        digest.update(f"{name}\0{tuple(inst.shape)}\0".encode())
+        for array in (inst, types):
+            digest.update(b"-" if array is None else array.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp:  # keeps the .npz suffix, so numpy adds none
         np.savez_compressed(tmp, **arrays)
@@ -141,7 +157,14 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
             styles = torch.cat([encoder(read_image(p)[None]) for p, _ in files])
         style_names = [str(p) for p, _ in files]
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_inputs_outside(out, [cfg.masks], "masks")
+    check_inputs_outside(out, style_names, "style_from")
+    settings = {"command": "synth --masks", "model": str(folder.resolve()),
+                "model_config": model_fingerprint(folder, out), "masks": masks_fingerprint(masks),
+                "n_masks": len(masks), "style": files_fingerprint(style_names), "n_styles": len(style_names),
+                "n_per_condition": cfg.n_per_mask, "seed": cfg.seed, "steps": cfg.steps, "guidance": cfg.guidance,
+                "controlnet_scale": cfg.controlnet_scale, "tile": cfg.tile, "output_format": cfg.output_format}
+    prepare_run_folder(out, settings, cfg.overwrite)
     n_total = len(masks) * cfg.n_per_mask
     manifest = out / "manifest.csv"
     rows = read_manifest(manifest)

@@ -2,14 +2,21 @@
 
 Files are read, grouped by size, normalized together in batches of ``batch_size`` and written
 to ``out`` under their relative names (atomically). One bad file becomes a ``failed`` record
-and the rest go on; no output is ever written over an input or over another input's output.
+and the rest go on; no output is ever written over an input, and two inputs that would write
+one output stop the run before any work (:func:`refuse_output_collisions`).
 ``out/manifest.json`` lists every file's status; it is rewritten atomically every few seconds
-and at the end.
+and at the end, and keeps the rows of an earlier run for the inputs this run does not touch
+(:class:`TileManifest`). Hidden temporary files a killed run left beside this run's outputs
+are removed at the start (:func:`remove_stale_temporaries`).
+
+The helpers here are shared with ``genpath translate tiles``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +57,19 @@ def normalize_tiles(
 
     Raises:
         FileNotFoundError: an input matches nothing.
-        ValueError: ``output_format`` or ``batch_size`` is invalid.
+        ValueError: ``output_format`` or ``batch_size`` is invalid, two inputs would write one
+            output, or ``out/manifest.json`` is not a tile manifest.
     """
     if output_format not in TILE_FORMATS:
         raise ValueError(f"output_format: expected one of {TILE_FORMATS}, got {output_format!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     out = Path(out)
-    plan = plan_outputs(expand_inputs(inputs), out, output_format)
+    plan = refuse_output_collisions(plan_outputs(expand_inputs(inputs), out, output_format))
+    manifest = TileManifest(out, plan)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out, plan)
     records: list[dict[str, Any]] = []
-    manifest = PeriodicJsonWriter(out / "manifest.json")
     advance = progress or (lambda n: None)
 
     def failed(path: Path, error: Exception | str) -> dict[str, Any]:
@@ -105,3 +114,112 @@ def _normalize_group(
         except Exception as error:  # noqa: BLE001
             records.append({"input": str(path), "status": "failed", "error": str(error)})
     return records
+
+
+Plan = Sequence[tuple[Path, Path, str | None]]
+
+
+def refuse_output_collisions(plan: Plan, shown: int = 3) -> list[tuple[Path, Path, str | None]]:
+    """Raise before any work when two different input files would write the same output.
+
+    Args:
+        plan: ``(file, destination, error)`` rows from :func:`genpath.io.images.plan_outputs`.
+        shown: how many colliding pairs the message lists.
+
+    Returns:
+        ``plan`` with a file named twice (``a.png`` and ``./a.png``) kept once.
+
+    Raises:
+        ValueError: one line listing the first ``shown`` pairs
+            (``inputs: expected distinct output names, got a.jpg and a.png both writing out/a.png``).
+
+    Example:
+        >>> plan = plan_outputs([(Path("in/a.jpg"), Path("a.jpg")), (Path("in/a.png"), Path("a.png"))], "o", "png")
+        >>> refuse_output_collisions(plan)
+        Traceback (most recent call last):
+        ...
+        ValueError: inputs: expected distinct output names, got in/a.jpg and in/a.png both writing o/a.png
+    """
+    claimed: dict[Path, Path] = {}
+    pairs: list[str] = []
+    unique = []
+    for row in plan:
+        path, destination, _ = row
+        first = claimed.setdefault(destination.resolve(), path)
+        if first is path:
+            unique.append(row)
+        elif first.resolve() != path.resolve():
+            pairs.append(f"{first} and {path} both writing {destination}")
+    if pairs:
+        more = f" (and {len(pairs) - shown} more)" if len(pairs) > shown else ""
+        raise ValueError(f"inputs: expected distinct output names, got {'; '.join(pairs[:shown])}{more}")
+    return unique
+
+
+def remove_stale_temporaries(out: Path, plan: Plan, extra: Iterable[str] = ("manifest.json",)) -> list[Path]:
+    """Delete the hidden temporary siblings (``.<name>.<random><suffix>``) a killed run left beside this run's outputs.
+
+    :func:`genpath.utils.atomic.atomic_path` removes its temporary file on any error; only a
+    process killed mid-write (``kill -9``, power loss) leaves one. Only temporaries of outputs
+    this run will write (and of ``extra`` names in ``out``) are touched; each folder is listed once.
+
+    Returns:
+        The files removed.
+    """
+    names: dict[Path, set[str]] = {Path(out): set(extra)}
+    for _, destination, _ in plan:
+        names.setdefault(destination.parent, set()).add(destination.name)
+    removed: list[Path] = []
+    for folder, wanted in names.items():
+        if not folder.is_dir():
+            continue
+        with os.scandir(folder) as entries:
+            hidden = [e for e in entries if e.name.startswith(".") and e.is_file(follow_symlinks=False)]
+        for entry in hidden:
+            body = entry.name[1:]
+            dots = [i for i, c in enumerate(body) if c == "."]
+            if any(body[:i] in wanted and body.endswith(suffix := Path(body[:i]).suffix)
+                   and len(body) - i - 1 > len(suffix) for i in dots):
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append(Path(entry.path))
+    if removed:
+        logger.info("removed %d temporary files left by an interrupted run in %s", len(removed), out)
+    return removed
+
+
+class TileManifest(PeriodicJsonWriter):
+    """``out/manifest.json`` that keeps an earlier run's rows for inputs this run does not touch.
+
+    Rows of the earlier manifest whose input is one of this run's inputs, or whose output is one
+    of this run's outputs, are replaced by this run's rows; the rest are kept, first. Written
+    atomically, at most every ``interval`` seconds (:meth:`update`) and on :meth:`flush`.
+
+    Raises:
+        ValueError: ``out/manifest.json`` exists but is not a tile manifest (a JSON list of rows
+            with an ``input``): it is never overwritten.
+    """
+
+    def __init__(self, out: str | Path, plan: Plan, interval: float = 5.0) -> None:
+        super().__init__(Path(out) / "manifest.json", interval)
+        inputs = {path.resolve() for path, _, _ in plan}
+        outputs = {destination.resolve() for _, destination, _ in plan}
+        self.kept = [row for row in self._previous_rows()
+                     if Path(row["input"]).resolve() not in inputs
+                     and not (row.get("output") and Path(str(row["output"])).resolve() in outputs)]
+
+    def _previous_rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        try:
+            rows = json.loads(self.path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"out: expected {self.path} to be a tile manifest (JSON), got {error}") from error
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("input"), str)
+                                                 for r in rows):
+            raise ValueError(f"out: expected {self.path} to be a tile manifest (a JSON list of rows with "
+                             f"'input'), got {type(rows).__name__} of other content")
+        return rows
+
+    def flush(self, data: list[dict[str, Any]]) -> None:
+        """Write the kept rows of the earlier run followed by ``data`` now."""
+        super().flush([*self.kept, *data])

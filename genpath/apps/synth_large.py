@@ -4,18 +4,53 @@
 2. Build the embedding grid: load ``(gh, gw, D)`` from ``.npy``, or embed the region's tiles.
 3. Sample the canvas (:func:`genpath.pipelines.large_image.generate_large_image`, ``shifted`` or
    ``overlap`` windows) and write the PNG and a JSON report beside it, atomically.
+
+``out`` is never a file genpath did not write: an existing ``out`` or ``out.json`` is replaced
+only when that JSON records ``"created_by": "genpath synth-large"`` (a previous result; the
+marker is written just before the image), and never when it is one of the inputs.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from genpath.io.images import read_image, write_image
+from genpath.io.images import IMAGE_SUFFIXES, read_image, write_image
 from genpath.utils.atomic import atomic_write_json
+
+MARKER = "genpath synth-large"
+
+
+def check_large_output(out: Path, inputs: tuple[str | Path | None, ...] = ()) -> None:
+    """Refuse an ``out`` (or its ``.json``) that is an input or an existing file synth-large did not write.
+
+    Raises:
+        ValueError: one line naming ``out``.
+    """
+    report = out.with_suffix(".json")
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"out: expected an image file name ({', '.join(sorted(IMAGE_SUFFIXES))}), got {out}")
+    for source in inputs:
+        if source is not None and {out.resolve(), report.resolve()} & {Path(source).resolve()}:
+            raise ValueError(f"out: writing {out} (and its .json) would overwrite the input {source}")
+    for path in (out, report):
+        if path.exists() and not path.is_file():
+            raise ValueError(f"out: expected a file name for {path}, got an existing folder")
+    if not (out.exists() or report.exists()):
+        return
+    created_by = None
+    if report.is_file():
+        try:
+            created_by = json.loads(report.read_text(encoding="utf-8")).get("created_by")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            created_by = None
+    if created_by != MARKER:
+        raise ValueError(f"out: expected a new file or a previous synth-large result ({report} recording "
+                         f"\"created_by\": \"{MARKER}\"), got existing files genpath did not write")
 
 
 def synth_large_image(
@@ -32,7 +67,8 @@ def synth_large_image(
 
     Raises:
         ValueError: not exactly one of ``from_region`` / ``embeddings``, a region smaller than one
-            tile, or ``out`` naming an input.
+            tile, or ``out`` (or its ``.json``) naming an input or an existing file that is not a
+            previous synth-large result.
     """
     from genpath.pipelines import EmbeddingToImagePipeline
     from genpath.pipelines.large_image import generate_large_image, seam_score
@@ -42,9 +78,7 @@ def synth_large_image(
     if (from_region is None) == (embeddings is None):
         raise ValueError("from_region: expected exactly one of --from-region or --embeddings, got "
                          f"{'both' if from_region is not None else 'neither'}")
-    for source in (from_region, embeddings):
-        if source is not None and {out.resolve(), out.with_suffix(".json").resolve()} & {Path(source).resolve()}:
-            raise ValueError(f"out: writing {out} (and its .json) would overwrite the input {source}")
+    check_large_output(out, (from_region, embeddings))
     pipe = EmbeddingToImagePipeline.from_pretrained(model)
     tile = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if embeddings is not None:
@@ -59,9 +93,12 @@ def synth_large_image(
         with torch.no_grad():
             grid = pipeline_encoder(model)(tiles).reshape(gh, gw, -1)
     result = generate_large_image(pipe, grid, steps, guidance, torch.Generator().manual_seed(seed), mode=mode)
+    # the marker first: a run killed while writing the image leaves a result the next run may replace
+    atomic_write_json(out.with_suffix(".json"), {"created_by": MARKER, "status": "writing", "seed": seed,
+                                                 "steps": steps, "guidance": guidance, "mode": mode})
     write_image(result.images[0], out)
     report = {"size": list(result.images.shape[-2:]), "grid": list(grid.shape[:2]), "mode": mode,
               "cost_ratio": result.cost_ratio, "unet_calls": result.unet_calls,
               "seam_score": seam_score(result.images, tile), "seed": seed, "steps": steps, "guidance": guidance}
-    atomic_write_json(out.with_suffix(".json"), report)
+    atomic_write_json(out.with_suffix(".json"), {"created_by": MARKER, **report})
     return report

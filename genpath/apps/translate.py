@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from genpath.io.images import expand_inputs, plan_outputs, read_image, write_image
-from genpath.utils.atomic import PeriodicJsonWriter
 from genpath.utils.logging import get_logger
 from genpath.utils.paths import require_output_folder
 from genpath.wsi import SlideBatchSettings, SlideOptions, expand_slides, run_slide_batch, run_slide_job
+from normalization.tiles import TileManifest, refuse_output_collisions, remove_stale_temporaries
 
 logger = get_logger(__name__)
 
@@ -54,22 +54,26 @@ def translate_tiles(inputs: list[str], out: Path, translator: torch.nn.Module,
 
     Args:
         inputs: image files, folders or globs.
-        out: output folder; ``out/manifest.json`` lists every file's status.
+        out: output folder; ``out/manifest.json`` lists every file's status (an earlier run's rows
+            for inputs this run does not touch are kept).
         translator: maps a ``(3,H,W)`` H&E image to IHC.
         output_format: ``png``, ``jpg``, ``tif`` or ``same``.
         on_done: called after each file.
 
     Raises:
         FileNotFoundError: an input matches nothing.
+        ValueError: two inputs would write one output (before any work), or ``out/manifest.json``
+            is not a tile manifest.
     """
     if output_format not in ("png", "jpg", "tif", "same"):
         raise ValueError(f"output_format: expected one of ('png', 'jpg', 'tif', 'same') for tiles, "
                          f"got {output_format!r}")
-    plan = plan_outputs(expand_inputs(inputs), out, output_format)
-    records: list[dict] = []
     out = Path(out)
+    plan = refuse_output_collisions(plan_outputs(expand_inputs(inputs), out, output_format))
+    manifest = TileManifest(out, plan)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = PeriodicJsonWriter(out / "manifest.json")
+    remove_stale_temporaries(out, plan)
+    records: list[dict] = []
     for path, destination, refused in plan:
         try:
             if refused:

@@ -28,8 +28,14 @@ def synth(
     style_from: Annotated[list[str] | None, typer.Option(help="--masks: images whose embeddings set style.")] = None,
     controlnet_scale: Annotated[float, typer.Option(help="--masks: weight of the mask (0 ignores it).")] = 1.0,
     tile: Annotated[int | None, typer.Option(help="--masks: cut larger masks into tiles of this size.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start over in an --out that holds a run with other settings: "
+                                                 "first delete that run's outputs (images/, masks/, *.zarr, "
+                                                 "manifest.csv, embeddings.npy, run.json), nothing else.")] = False,
 ) -> None:
     """Generate a synthetic dataset (images, embeddings, manifest.csv); an interrupted run resumes.
+
+    OUT/run.json records the settings; a rerun with other settings into the same --out is
+    refused unless --overwrite.
 
     With ``--masks``: (image, mask) pairs from a MaskToImagePipeline, one or more per mask
     (``--n-per-condition``), to OUT/pairs.zarr or OUT/images + OUT/masks.
@@ -40,7 +46,7 @@ def synth(
         cfg = MaskSynthConfig(model=str(model), out=str(out), masks=str(masks), style_from=list(style_from or []),
                               n_per_mask=n_per_condition, output_format=output_format, seed=seed,
                               controlnet_scale=controlnet_scale, guidance=guidance, steps=steps,
-                              batch_size=batch_size, tile=tile)
+                              batch_size=batch_size, tile=tile, overwrite=overwrite)
         with progress_bar("synth (masks)") as update:
             rows = run_mask_synth(cfg, progress=lambda done, total: update(completed=done, total=total))
         console.print(f"{len(rows)} (image, mask) pairs and manifest.csv in {out}", highlight=False)
@@ -49,7 +55,8 @@ def synth(
 
     cfg = SynthConfig(model=str(model), out=str(out), from_images=list(from_images or []),
                       embeddings=str(embeddings) if embeddings else None, n_per_condition=n_per_condition,
-                      output_format=output_format, seed=seed, guidance=guidance, steps=steps, batch_size=batch_size)
+                      output_format=output_format, seed=seed, guidance=guidance, steps=steps, batch_size=batch_size,
+                      overwrite=overwrite)
     with progress_bar("synth") as update:
         rows = run_synth(cfg, progress=lambda done, total: update(completed=done, total=total))
     console.print(f"{len(rows)} samples, manifest.csv and embeddings.npy in {out}", highlight=False)
@@ -58,7 +65,8 @@ def synth(
 @user_errors
 def synth_large(
     model: Annotated[Path, typer.Option(help="EmbeddingToImagePipeline folder.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG (a new file; its .json beside it).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG (a new file or a previous synth-large "
+                                                          "result; its .json beside it).")],
     from_region: Annotated[Path | None, typer.Option(help="A real image whose tile embeddings lay out the "
                                                           "result.")] = None,
     embeddings: Annotated[Path | None, typer.Option(help="An embedding grid (gh, gw, D) as .npy.")] = None,

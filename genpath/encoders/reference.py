@@ -62,6 +62,9 @@ def save_encoder_reference(folder: str | Path, name: str, kwargs: dict[str, Any]
     stored: dict[str, Any] = {}
     external: dict[str, str] = {}
     for key, value in kwargs.items():
+        if key in _PATH_KEYS and value is not None and not Path(value).is_absolute() and not Path(value).exists():
+            stored[key] = str(value)  # already relative to the folder (the loader checks it stays inside)
+            continue
         if key in _PATH_KEYS and value is not None:
             path = Path(value).resolve()
             if path.is_relative_to(folder.resolve()):

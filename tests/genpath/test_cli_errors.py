@@ -68,6 +68,10 @@ CASES = [
     (["translate", "slides", TILE, "--model", "{d}/no_model", "--out", "{o}", "--format", "png"], "format"),
     (["synth", "--model", "{d}/no_model", "--out", "{o}", "--from-images", TILE], "model"),
     (["synth-large", "--model", "{d}/no_model", "--out", "{o}/x.png"], "from_region"),
+    (["synth-large", "--model", "{d}/no_model", "--out", "{d}/tile.jpg", "--embeddings", "{d}/g.npy"],
+     "previous synth-large result"),
+    (["synth-large", "--model", "{d}/no_model", "--out", "{d}/syntax.yaml", "--embeddings", "{d}/g.npy"],
+     "image file name"),
 ]
 
 
