@@ -75,8 +75,8 @@ def held_out_tiles(sources: list[dict], scale: float, size: int = 64) -> tuple[t
 
 
 def evaluate(name: str, model: Path, sources: list[dict], scale: float, steps: int, seed: int,
-             max_tiles: int | None = None) -> None:
-    pipe = MaskToImagePipeline.from_pretrained(model)
+             max_tiles: int | None = None, base: Path | None = None) -> None:
+    pipe = MaskToImagePipeline.from_pretrained(model, **({"base": base} if base else {}))
     encoder = load_encoder_reference(model)
     images, inst, types = held_out_tiles(sources, scale)
     if max_tiles is not None and len(images) > max_tiles:  # evenly spaced over all images
@@ -112,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "samples" / "checkpoints" / "controlnet_hgsc")
     parser.add_argument("--monuseg-model", type=Path, default=None)
+    parser.add_argument("--base", type=Path, default=ROOT / "samples" / "checkpoints" / "ldm_small",
+                        help="base LDM of ControlNet-only folders (checked against their base.json fingerprint)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tiles", type=int, default=120, help="MoNuSeg: evaluate at most this many tiles")
@@ -120,7 +122,8 @@ def main() -> None:
     images = ROOT / "samples" / "images"
     hgsc = [{"image": images / "he_hgsc_nest.jpg", "instances": images / "he_hgsc_nest_inst_mask.npz",
              "types": images / "he_hgsc_nest_type_mask.npz", "region": [0.75, 1.0]}]
-    evaluate("he_hgsc_nest, right quarter (never trained on)", args.model, hgsc, 0.5, args.steps, args.seed)
+    evaluate("he_hgsc_nest, right quarter (never trained on)", args.model, hgsc, 0.5, args.steps, args.seed,
+             base=args.base)
     root = shared_data_root()
     if args.monuseg_model is not None:
         if root is None:
@@ -131,7 +134,7 @@ def main() -> None:
         sources = [{"image": root / "monuseg" / "images" / f"{s}.png",
                     "instances": root / "monuseg" / "instance_masks" / f"{s}.png"} for s in test]
         evaluate("MoNuSeg official test images", args.monuseg_model, sources, 0.5, args.steps, args.seed,
-                 args.max_tiles)
+                 args.max_tiles, base=args.base)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class SynthConfig:
     batch_size: int = 8
     size: int | None = None
     overwrite: bool = False
+    trust_model_code: bool = False
 
     def __post_init__(self) -> None:
         if bool(self.from_images) == bool(self.embeddings):
@@ -72,10 +73,13 @@ class SynthConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
 
 
-def pipeline_encoder(model: str | Path) -> ImageEncoder:
-    """Create the encoder recorded in the pipeline's ``encoder.json`` (with a hint when there is none)."""
+def pipeline_encoder(model: str | Path, allow_code: bool = False) -> ImageEncoder:
+    """Create the encoder recorded in the pipeline's ``encoder.json`` (with a hint when there is none).
+
+    ``allow_code`` lets a TorchScript encoder named by the folder run (``--trust-model-code``).
+    """
     try:
-        return load_encoder_reference(model)
+        return load_encoder_reference(model, allow_code=allow_code)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{error}; pass --embeddings FILE.npy instead") from error
 
@@ -88,7 +92,7 @@ def _conditions(cfg: SynthConfig, pipe: EmbeddingToImagePipeline) -> tuple[torch
         return embeddings, [f"{Path(cfg.embeddings).name}[{i}]" for i in range(len(array))]
     from genpath.io.images import expand_inputs, read_image
 
-    encoder = pipeline_encoder(cfg.model)
+    encoder = pipeline_encoder(cfg.model, allow_code=cfg.trust_model_code)
     files = expand_inputs(cfg.from_images)
     with torch.no_grad():
         embeddings = torch.cat([encoder(read_image(p)[None]) for p, _ in files])

@@ -60,6 +60,8 @@ class MaskSynthConfig:
     batch_size: int = 8
     tile: int | None = None
     overwrite: bool = False
+    base: str | None = None
+    trust_model_code: bool = False
 
     def __post_init__(self) -> None:
         if self.output_format not in ("zarr", "png"):
@@ -141,7 +143,8 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Generate (or finish generating) an (image, mask) dataset; returns the manifest rows."""
     folder = check_pretrained_folder(cfg.model, "model", "MaskToImagePipeline or ControlNet folder")
-    pipe = MaskToImagePipeline.from_pretrained(folder)
+    base = check_pretrained_folder(cfg.base, "base", "EmbeddingToImagePipeline folder") if cfg.base else None
+    pipe = MaskToImagePipeline.from_pretrained(folder, **({"base": base} if base else {}))
     masks = tile_masks(load_mask_files(cfg.masks), cfg.tile)
     shapes = {tuple(m[1].shape) for m in masks}
     if len(shapes) != 1:
@@ -151,7 +154,7 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
         pipe.check_inputs(inst, types, None, cfg.steps, cfg.guidance, cfg.controlnet_scale)
     styles, style_names = None, []
     if cfg.style_from:
-        encoder = load_encoder_reference(folder)
+        encoder = load_encoder_reference(folder, allow_code=cfg.trust_model_code)
         files = expand_inputs(cfg.style_from)
         with torch.no_grad():
             styles = torch.cat([encoder(read_image(p)[None]) for p, _ in files])
@@ -161,6 +164,7 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
     check_inputs_outside(out, style_names, "style_from")
     settings = {"command": "synth --masks", "model": str(folder.resolve()),
                 "model_config": model_fingerprint(folder, out), "masks": masks_fingerprint(masks),
+                "base": str(base.resolve()) if base else None,
                 "n_masks": len(masks), "style": files_fingerprint(style_names), "n_styles": len(style_names),
                 "n_per_condition": cfg.n_per_mask, "seed": cfg.seed, "steps": cfg.steps, "guidance": cfg.guidance,
                 "controlnet_scale": cfg.controlnet_scale, "tile": cfg.tile, "output_format": cfg.output_format}

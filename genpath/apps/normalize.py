@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from genpath.config import check_types, load_config
+from genpath.io.images import expand_inputs, plan_outputs
 from genpath.utils.logging import get_logger
 from genpath.utils.paths import require_output_folder
 from genpath.wsi import inputs_hold_slides
 from normalization.batch import config_hash, normalizer_for, run_batch
 from normalization.config import NormalizeConfig, load_or_fit_normalizer
-from normalization.tiles import normalize_tiles
+from normalization.tiles import normalize_tiles, refuse_output_collisions
 
 logger = get_logger(__name__)
 Mode = Literal["tiles", "slides"]
@@ -101,6 +102,8 @@ def run_normalize_tiles(
     config.require_source()
     require_output_folder(out)
     _check_state_destination(save_state, inputs, config)
+    # every output name checked before the normalizer is fitted or a state written
+    refuse_output_collisions(plan_outputs(expand_inputs(inputs), out, config.output_format or "png"))
     normalizer = load_or_fit_normalizer(config.method, config.target, config.state, config.options, config.device)
     if save_state:
         normalizer.save(save_state)

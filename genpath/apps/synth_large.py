@@ -62,6 +62,7 @@ def synth_large_image(
     seed: int = 0,
     guidance: float = 2.0,
     steps: int = 25,
+    trust_model_code: bool = False,
 ) -> dict[str, Any]:
     """Generate one large image into ``out`` (PNG) and ``out.with_suffix('.json')``; returns the report.
 
@@ -91,7 +92,7 @@ def synth_large_image(
         tiles = image[:, : gh * tile, : gw * tile].unfold(1, tile, tile).unfold(2, tile, tile)
         tiles = tiles.permute(1, 2, 0, 3, 4).reshape(gh * gw, 3, tile, tile)
         with torch.no_grad():
-            grid = pipeline_encoder(model)(tiles).reshape(gh, gw, -1)
+            grid = pipeline_encoder(model, allow_code=trust_model_code)(tiles).reshape(gh, gw, -1)
     result = generate_large_image(pipe, grid, steps, guidance, torch.Generator().manual_seed(seed), mode=mode)
     # the marker first: a run killed while writing the image leaves a result the next run may replace
     atomic_write_json(out.with_suffix(".json"), {"created_by": MARKER, "status": "writing", "seed": seed,

@@ -28,6 +28,11 @@ def synth(
     style_from: Annotated[list[str] | None, typer.Option(help="--masks: images whose embeddings set style.")] = None,
     controlnet_scale: Annotated[float, typer.Option(help="--masks: weight of the mask (0 ignores it).")] = 1.0,
     tile: Annotated[int | None, typer.Option(help="--masks: cut larger masks into tiles of this size.")] = None,
+    base: Annotated[Path | None, typer.Option(help="--masks: the base EmbeddingToImagePipeline of a ControlNet "
+                                                   "folder (checked against its base.json fingerprint).")] = None,
+    trust_model_code: Annotated[bool, typer.Option(help="Let the model folder's encoder.json name a TorchScript "
+                                                        "encoder, which runs code from that folder. Only for "
+                                                        "folders you trust.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start over in an --out that holds a run with other settings: "
                                                  "first delete that run's outputs (images/, masks/, *.zarr, "
                                                  "manifest.csv, embeddings.npy, run.json), nothing else.")] = False,
@@ -46,7 +51,8 @@ def synth(
         cfg = MaskSynthConfig(model=str(model), out=str(out), masks=str(masks), style_from=list(style_from or []),
                               n_per_mask=n_per_condition, output_format=output_format, seed=seed,
                               controlnet_scale=controlnet_scale, guidance=guidance, steps=steps,
-                              batch_size=batch_size, tile=tile, overwrite=overwrite)
+                              batch_size=batch_size, tile=tile, overwrite=overwrite,
+                              base=str(base) if base else None, trust_model_code=trust_model_code)
         with progress_bar("synth (masks)") as update:
             rows = run_mask_synth(cfg, progress=lambda done, total: update(completed=done, total=total))
         console.print(f"{len(rows)} (image, mask) pairs and manifest.csv in {out}", highlight=False)
@@ -56,7 +62,7 @@ def synth(
     cfg = SynthConfig(model=str(model), out=str(out), from_images=list(from_images or []),
                       embeddings=str(embeddings) if embeddings else None, n_per_condition=n_per_condition,
                       output_format=output_format, seed=seed, guidance=guidance, steps=steps, batch_size=batch_size,
-                      overwrite=overwrite)
+                      overwrite=overwrite, trust_model_code=trust_model_code)
     with progress_bar("synth") as update:
         rows = run_synth(cfg, progress=lambda done, total: update(completed=done, total=total))
     console.print(f"{len(rows)} samples, manifest.csv and embeddings.npy in {out}", highlight=False)
@@ -74,10 +80,12 @@ def synth_large(
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 2.0,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    trust_model_code: Annotated[bool, typer.Option(help="Let the model folder's encoder.json name a TorchScript "
+                                                        "encoder (runs code; trusted folders only).")] = False,
 ) -> None:
     """Assemble a large image from a grid of embeddings (a real region's, or given); writes PNG + JSON."""
     from genpath.apps.synth_large import synth_large_image
 
     report = synth_large_image(model, out, from_region=from_region, embeddings=embeddings, mode=mode, seed=seed,
-                               guidance=guidance, steps=steps)
+                               guidance=guidance, steps=steps, trust_model_code=trust_model_code)
     console.print(f"wrote {out}: {report}", highlight=False)

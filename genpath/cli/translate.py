@@ -35,8 +35,11 @@ def tiles(inputs: Inputs, model: Model, out: Out, steps: Steps = 4, seed: Seed =
           output_format: Annotated[str, typer.Option("--format", help="png, jpg, tif or same.")] = "png") -> None:
     """Translate image tiles to OUT/<name>.<format>, with OUT/manifest.json (IHC-looking inputs get a warning)."""
     from genpath.apps.translate import TranslateOptions, translate_tiles
+    from genpath.io.images import expand_inputs, plan_outputs
+    from normalization.tiles import refuse_output_collisions
 
     TranslateOptions(steps, seed)
+    refuse_output_collisions(plan_outputs(expand_inputs(inputs), out, output_format))  # before loading the model
     translator = _translator(model, steps, seed)
     with progress_bar("translate") as update:
         rows = translate_tiles(inputs, out, translator, output_format, on_done=lambda: update(advance=1))

@@ -236,7 +236,8 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[tuple[Path, Path]]:
         item = str(item)
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             found.extend((p, p.relative_to(path)) for p in files)
         elif path.is_file():
             found.append((path, Path(path.name)))

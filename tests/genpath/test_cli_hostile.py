@@ -55,3 +55,31 @@ def test_slide_output_inside_the_input_folder_is_not_reprocessed(tmp_path):
     second = runner.invoke(app, args)
     assert second.exit_code == 0 and "already done (resumed) 1" in second.output
     assert "slides normalized 0" in second.output  # its own QC PNGs and outputs were not taken as inputs
+
+
+def test_controlnet_without_its_base_names_the_option(tmp_path):
+    result = runner.invoke(app, ["synth", "--model", str(SAMPLES / "checkpoints" / "controlnet_hgsc"), "--masks",
+                                 str(SAMPLES / "masks" / "hgsc_nest_heldout_tiles.npz"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--base" in result.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_synth_never_runs_a_torchscript_named_by_the_model_folder(tmp_path):
+    import json
+
+    import torch
+
+    from tests.genpath.test_trust_boundary import WritesAFile
+
+    model = tmp_path / "ldm"
+    shutil.copytree(SAMPLES / "checkpoints" / "ldm_small", model)
+    marker = tmp_path / "marker.pt"
+    torch.jit.script(WritesAFile(str(marker))).save(str(model / "enc.pt"))
+    (model / "encoder.json").write_text(json.dumps({"name": "torchscript", "kwargs": {"path": "enc.pt"}}))
+    tile = str(SAMPLES / "tiles" / "pcam" / "label0_patch0000000.jpg")
+    for command in (["synth", "--model", str(model), "--from-images", tile, "--out", str(tmp_path / "o")],
+                    ["synth-large", "--model", str(model), "--from-region", str(SAMPLES / "images" /
+                     "he_tiatoolbox_target.png"), "--out", str(tmp_path / "large.png")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "runs code from a file" in result.output, result.output
+        assert not marker.exists()
