@@ -29,6 +29,8 @@ from normalization.base import StainNormalizer
 
 logger = get_logger(__name__)
 TILE_FORMATS = ("png", "jpg", "tif", "same")
+#: Pixels held per normalizer call in tile mode (16.8 Mpx: 256 tiles of 256², or one 4096² image).
+MAX_BATCH_PIXELS = 2**24
 
 
 def normalize_tiles(
@@ -39,6 +41,7 @@ def normalize_tiles(
     batch_size: int = 32,
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
+    max_batch_pixels: int = MAX_BATCH_PIXELS,
 ) -> list[dict[str, Any]]:
     """Normalize image files into ``out``; returns one record per file (never raises for one bad file).
 
@@ -47,9 +50,12 @@ def normalize_tiles(
         out: output folder (created); outputs mirror the inputs' relative names.
         normalizer: a fitted normalizer.
         output_format: ``png`` (lossless), ``jpg``, ``tif`` or ``same``.
-        batch_size: files read and normalized together (same-size tiles share one call).
+        batch_size: at most this many files are held and normalized together (same-size tiles
+            share one call).
         device: where the normalizer runs.
         progress: called with the number of files just finished.
+        max_batch_pixels: and at most this many pixels (a single larger image goes alone), so
+            memory is bounded by the budget, not by how many same-size images there are.
 
     Returns:
         Records ``{input, output, status, [error]}`` with ``status`` ``normalized``,
@@ -64,6 +70,8 @@ def normalize_tiles(
         raise ValueError(f"output_format: expected one of {TILE_FORMATS}, got {output_format!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if not isinstance(max_batch_pixels, int) or max_batch_pixels < 1:
+        raise ValueError(f"max_batch_pixels: expected a positive integer, got {max_batch_pixels!r}")
     out = Path(out)
     plan = refuse_output_collisions(plan_outputs(expand_inputs(inputs), out, output_format))
     manifest = TileManifest(out, plan)
@@ -76,21 +84,34 @@ def normalize_tiles(
         message = error if isinstance(error, str) else f"{error}"
         return {"input": str(path), "status": "failed", "error": message}
 
-    for start in range(0, len(plan), batch_size):
+    pending: list[tuple[Path, Path, torch.Tensor]] = []
+
+    def flush() -> None:
         groups: dict[tuple[int, ...], list[tuple[Path, Path, torch.Tensor]]] = {}
-        for path, destination, refused in plan[start : start + batch_size]:
-            try:
-                if refused:
-                    raise ValueError(refused)
-                image = read_image(path)
-                groups.setdefault(tuple(image.shape), []).append((path, destination, image))
-            except Exception as error:  # noqa: BLE001 - one bad file must not stop the batch
-                records.append(failed(path, error))
-                advance(1)
+        for item in pending:
+            groups.setdefault(tuple(item[2].shape), []).append(item)
         for items in groups.values():
             records.extend(_normalize_group(items, normalizer, device))
             advance(len(items))
+        pending.clear()
         manifest.update(records)
+
+    for path, destination, refused in plan:
+        try:
+            if refused:
+                raise ValueError(refused)
+            image = read_image(path)
+        except Exception as error:  # noqa: BLE001 - one bad file must not stop the batch
+            records.append(failed(path, error))
+            advance(1)
+            continue
+        held = sum(item[2].shape[-1] * item[2].shape[-2] for item in pending)
+        if pending and held + image.shape[-1] * image.shape[-2] > max_batch_pixels:
+            flush()
+        pending.append((path, destination, image))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
     manifest.flush(records)
     logger.info("normalized %d files into %s", len(records), out)
     return records
@@ -100,9 +121,13 @@ def _normalize_group(
     items: list[tuple[Path, Path, torch.Tensor]], normalizer: StainNormalizer, device: str
 ) -> list[dict[str, Any]]:
     """Normalize same-size tiles in one call and write them; failures become records."""
-    batch = torch.stack([image for _, _, image in items]).to(device)
     try:
+        batch = torch.stack([image for _, _, image in items]).to(device)
         result, valid = normalizer(batch, return_valid=True)
+    except MemoryError:
+        size = tuple(items[0][2].shape[-2:])
+        return [{"input": str(p), "status": "failed", "error": f"image: too large to normalize in memory ({size} px)"}
+                for p, _, _ in items]
     except Exception as error:  # noqa: BLE001 - report and go on with the next group
         return [{"input": str(p), "status": "failed", "error": str(error)} for p, _, _ in items]
     records = []

@@ -89,6 +89,20 @@ def _check_state_destination(save_state: str | Path | None, inputs: Sequence[str
         raise ValueError(f"save_state: expected a new file, got {save_state} (an input, target or state)")
     if destination.suffix != ".safetensors":
         raise ValueError(f"save_state: expected a .safetensors file name, got {save_state}")
+    if destination.exists() and not _is_normalizer_state(destination):
+        raise ValueError(f"save_state: expected a new file or a saved normalizer to replace, got {save_state} "
+                         "(an existing file genpath did not write)")
+
+
+def _is_normalizer_state(path: Path) -> bool:
+    """Whether ``path`` is a state file written by ``StainNormalizer.save`` (safe to replace)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return "genpath_normalizer" in (handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
 
 
 def run_normalize_tiles(
