@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 
-def load_tiles(source: str | Path, limit: int | None = None) -> torch.Tensor:
+def load_tiles(source: str | Path, limit: int | None = None, argument: str = "source") -> torch.Tensor:
     """uint8 ``(N,3,H,W)`` tiles from an image folder or a synth ``images.zarr`` (all the same size)."""
     source = Path(source)
     if source.name.endswith(".zarr") or (source / "images.zarr").exists():
@@ -21,11 +21,14 @@ def load_tiles(source: str | Path, limit: int | None = None) -> torch.Tensor:
         return torch.from_numpy(array[: limit or array.shape[0]])
     from genpath.io.images import expand_inputs, read_image
 
-    files = expand_inputs([source])[: limit or None]
+    try:
+        files = expand_inputs([source])[: limit or None]
+    except FileNotFoundError as error:
+        raise FileNotFoundError(str(error).replace("inputs:", f"{argument}:", 1)) from None
     tiles = [read_image(p) for p, _ in files]
     sizes = {tuple(t.shape) for t in tiles}
     if len(sizes) != 1:
-        raise ValueError(f"source: expected tiles of one size in {source}, got {sorted(sizes)}")
+        raise ValueError(f"{argument}: expected tiles of one size in {source}, got {sorted(sizes)}")
     return torch.stack(tiles)
 
 
@@ -40,7 +43,7 @@ def evaluate_synthetic(
     from genpath.encoders import create_encoder
     from genpath.metrics.distribution import embed_images, frechet_distance, kernel_inception_distance
 
-    real_tiles, fake_tiles = load_tiles(real, limit), load_tiles(fake, limit)
+    real_tiles, fake_tiles = load_tiles(real, limit, "real"), load_tiles(fake, limit, "fake")
     report: dict[str, Any] = {"real": str(real), "fake": str(fake), "n_real": len(real_tiles),
                               "n_fake": len(fake_tiles), "metrics": {}}
     for name in encoders:
