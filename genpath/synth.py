@@ -14,6 +14,14 @@
    before anything else is written. A rerun with the same settings resumes; one with other
    settings is refused (:func:`prepare_run_folder`) unless ``overwrite``, which first deletes
    only what a synth run writes (:func:`clear_run_outputs`). No input may lie among the outputs.
+5. Bad input: a reference image that cannot be read or embedded is a *failed* row of the
+   manifest (columns ``status`` ``failed`` and ``error``, no id) and the other images are used
+   (conditions are numbered over the readable ones; the CLI exits with code 1). Everything else
+   is refused in one line naming the argument before any output is written: a broken or
+   non-numeric ``embeddings`` file (read with ``allow_pickle=False``), NaN/inf or out-of-range
+   ``guidance``, more than :data:`MAX_SAMPLES` samples in all (conditions × ``n_per_condition``)
+   or a ``batch_size`` above :data:`MAX_BATCH_SIZE`. Sample ids are generated lazily, one batch
+   at a time.
 
 The pipeline loads with ``EmbeddingToImagePipeline.from_pretrained`` (genpath's one loading path).
 """
@@ -22,7 +30,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
+import numbers
 import re
 import shutil
 from collections.abc import Callable, Iterable
@@ -34,6 +44,7 @@ import torch
 
 from genpath.encoders.base import ImageEncoder
 from genpath.encoders.reference import load_encoder_reference
+from genpath.pipelines.checks import MAX_GUIDANCE, check_number
 from genpath.pipelines.embedding_to_image import EmbeddingToImagePipeline
 from genpath.pipelines.loading import check_pretrained_folder
 from genpath.utils.atomic import atomic_path, atomic_write_csv, atomic_write_json
@@ -41,7 +52,37 @@ from genpath.utils.logging import get_logger
 from genpath.utils.paths import require_output_folder
 
 logger = get_logger(__name__)
-MANIFEST_FIELDS = ("id", "condition", "source", "seed", "model", "guidance", "steps", "file")
+MANIFEST_FIELDS = ("id", "condition", "source", "seed", "model", "guidance", "steps", "file", "status", "error")
+#: most samples one run may make (conditions × samples per condition)
+MAX_SAMPLES = 10_000_000
+#: most samples per pipeline call
+MAX_BATCH_SIZE = 1024
+#: seeds ``seed + i`` must fit a signed 64-bit integer for every sample id ``i``
+SEED_RANGE = (-(2**63), 2**63 - 1 - MAX_SAMPLES)
+
+
+def check_count(value: object, name: str, high: int) -> int:
+    """Return ``value`` when it is an integer in ``[1, high]``; else a one-line ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= high:
+        raise ValueError(f"{name}: expected an integer in [1, {high}], got {value!r}")
+    return int(value)
+
+
+def check_seed(value: object) -> int:
+    """Return ``value`` when ``seed + i`` fits 64 bits for every sample; else a one-line ``ValueError``."""
+    low, high = SEED_RANGE
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ValueError(f"seed: expected an integer in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def check_total(n_conditions: int, n_per: int, name: str = "n_per_condition", what: str = "conditions") -> int:
+    """Return ``n_conditions * n_per`` when it is at most :data:`MAX_SAMPLES`; else a ``ValueError`` naming ``name``."""
+    total = n_conditions * n_per
+    if not total <= MAX_SAMPLES:
+        raise ValueError(f"{name}: expected at most {MAX_SAMPLES} samples in all, got {n_conditions} {what} "
+                         f"x {n_per} = {total}")
+    return total
 
 
 @dataclass
@@ -68,9 +109,11 @@ class SynthConfig:
                              f"{'both' if self.from_images else 'neither'}")
         if self.output_format not in ("zarr", "png"):
             raise ValueError(f"output_format: expected 'zarr' or 'png', got {self.output_format!r}")
-        for name in ("n_per_condition", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        check_count(self.n_per_condition, "n_per_condition", MAX_SAMPLES)
+        check_count(self.batch_size, "batch_size", MAX_BATCH_SIZE)
+        check_count(self.steps, "steps", 10_000)
+        check_seed(self.seed)
+        check_number(self.guidance, "guidance", 0.0, MAX_GUIDANCE, "1 = no guidance")
 
 
 def pipeline_encoder(model: str | Path, allow_code: bool = False) -> ImageEncoder:
@@ -84,19 +127,93 @@ def pipeline_encoder(model: str | Path, allow_code: bool = False) -> ImageEncode
         raise FileNotFoundError(f"{error}; pass --embeddings FILE.npy instead") from error
 
 
-def _conditions(cfg: SynthConfig, pipe: EmbeddingToImagePipeline) -> tuple[torch.Tensor, list[str]]:
-    if cfg.embeddings:
-        array = np.load(cfg.embeddings)
-        embeddings = torch.as_tensor(array, dtype=torch.float32)
-        pipe.projector.check_embeddings(embeddings, "embeddings")
-        return embeddings, [f"{Path(cfg.embeddings).name}[{i}]" for i in range(len(array))]
-    from genpath.io.images import expand_inputs, read_image
+def load_embeddings(path: str | Path, name: str = "embeddings") -> np.ndarray:
+    """Read conditions ``(N,D)`` as float32 from a ``.npy`` file, never unpickling anything.
 
-    encoder = pipeline_encoder(cfg.model, allow_code=cfg.trust_model_code)
-    files = expand_inputs(cfg.from_images)
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: one line naming ``name``: unreadable, empty, not numeric, not 2-D, more than
+            :data:`MAX_SAMPLES` rows, or NaN/inf (also after the conversion to float32).
+    """
+    path = Path(path)
+    expected = f"{name}: expected a .npy file holding a non-empty (N,D) array of finite numbers"
+    if not path.is_file():
+        raise FileNotFoundError(f"{expected}, got {path} (missing)")
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic != b"\x93NUMPY":  # not .npy: an archive, pickled data (never loaded), text or nothing
+        raise ValueError(f"{expected}, got {path} ({'an empty file' if not magic else 'not a .npy file'})")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)  # mapped: the shape is checked before reading
+    except Exception as error:  # noqa: BLE001 - numpy raises many error types on broken files
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"{expected}, got {path} ({type(error).__name__}: {first})") from None
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"{expected}, got dtype {array.dtype} in {path}")
+    if array.ndim != 2 or 0 in array.shape:
+        raise ValueError(f"{expected}, got shape {array.shape} in {path}")
+    if not array.shape[0] <= MAX_SAMPLES:
+        raise ValueError(f"{name}: expected at most {MAX_SAMPLES} rows, got {array.shape[0]} in {path}")
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 becomes inf, refused just below
+        values = np.array(array, dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{expected}, got NaN or inf (or values beyond float32) in {path}")
+    return values
+
+
+def list_images(items: Iterable[str | Path], name: str) -> list[Path]:
+    """Image files of files, folders and globs (:func:`genpath.io.images.expand_inputs`), errors naming ``name``."""
+    from genpath.io.images import expand_inputs
+
+    try:
+        files = [path for path, _ in expand_inputs(items)]
+    except FileNotFoundError as error:
+        raise FileNotFoundError(re.sub(r"^inputs:", f"{name}:", str(error))) from None
+    if not files:
+        raise ValueError(f"{name}: expected at least one image file, got none in {list(map(str, items))}")
+    return files
+
+
+def embed_images(encoder: ImageEncoder, files: list[Path], name: str
+                 ) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
+    """Embed each image file; one that cannot be read or embedded is a failure and the others go on.
+
+    Returns:
+        Embeddings ``(N,D)`` of the readable images, their paths, and ``(path, error)`` per failure.
+
+    Raises:
+        ValueError: naming ``name``, when no image could be embedded.
+    """
+    from genpath.io.images import read_image
+
+    embeddings, names, failed = [], [], []
     with torch.no_grad():
-        embeddings = torch.cat([encoder(read_image(p)[None]) for p, _ in files])
-    return embeddings, [str(p) for p, _ in files]
+        for path in files:
+            try:
+                embeddings.append(encoder(read_image(path)[None]))
+            except (ValueError, OSError) as error:
+                message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                logger.info("%s: skipping %s: %s", name, path, message)
+                failed.append((str(path), message))
+                continue
+            names.append(str(path))
+    if not embeddings:
+        raise ValueError(f"{name}: expected at least one readable image, got none of {len(files)}"
+                         + (f" ({failed[0][1]})" if failed else ""))
+    return torch.cat(embeddings), names, failed
+
+
+def _conditions(cfg: SynthConfig, pipe: EmbeddingToImagePipeline
+                ) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
+    if cfg.embeddings:
+        embeddings = torch.from_numpy(load_embeddings(cfg.embeddings))
+        check_total(len(embeddings), cfg.n_per_condition)
+        pipe.projector.check_embeddings(embeddings, "embeddings")
+        return embeddings, [f"{Path(cfg.embeddings).name}[{i}]" for i in range(len(embeddings))], []
+    files = list_images(cfg.from_images, "from_images")
+    check_total(len(files), cfg.n_per_condition)  # before any image is read
+    encoder = pipeline_encoder(cfg.model, allow_code=cfg.trust_model_code)
+    return embed_images(encoder, files, "from_images")
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
@@ -107,12 +224,27 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def done_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Keep a manifest's sample rows (drop failed ones; a manifest without ``status`` has only samples)."""
+    kept = [row for row in rows if row.get("status") != "failed"]
+    for row in kept:
+        row["status"], row["error"] = row.get("status") or "done", row.get("error") or ""
+    return kept
+
+
+def batches(n_total: int, done: set[int], batch_size: int) -> Iterable[list[int]]:
+    """Sample ids ``0..n_total-1`` not in ``done``, ``batch_size`` at a time (never all in one list)."""
+    pending = (i for i in range(n_total) if i not in done)
+    while ids := list(itertools.islice(pending, batch_size)):
+        yield ids
+
+
 RUN_FILE = "run.json"
 RUN_CREATOR = "genpath synth"
 RUN_FILES = ("manifest.csv", "embeddings.npy", RUN_FILE)
 RUN_STORES = ("images.zarr", "pairs.zarr")
 #: file names a synth run writes in ``OUT/images`` and ``OUT/masks`` (and their hidden temporaries)
-RUN_SAMPLES = {"images": r"(?:cond\d{5}_\d{3,}|\d{6,})\.png", "masks": r"\d{6,}\.npz"}
+RUN_SAMPLES = {"images": r"(?:cond\d{5,}_\d{3,}|\d{6,})\.png", "masks": r"\d{6,}\.npz"}
 _TEMPORARY = r"\.(?:{})\.[A-Za-z0-9_]+\.(?:png|npz|csv|npy|json)"
 
 
@@ -246,16 +378,16 @@ def prepare_run_folder(out: str | Path, settings: dict, overwrite: bool = False)
 
 
 def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Generate (or finish generating) a synthetic dataset; returns the manifest rows."""
+    """Generate (or finish generating) a synthetic dataset; returns the manifest rows (failed inputs last)."""
     folder = check_pretrained_folder(cfg.model, "model", "EmbeddingToImagePipeline folder")
     pipe = EmbeddingToImagePipeline.from_pretrained(folder)
-    embeddings, sources = _conditions(cfg, pipe)
+    embeddings, sources, failed_inputs = _conditions(cfg, pipe)
     f = pipe.vae_scale_factor
     size = cfg.size or pipe.unet.config.sample_size * f
     pipe.check_inputs(embeddings, size, size, cfg.steps, cfg.guidance, "pt")  # fail before any compute
     out = Path(cfg.out)
     inputs = [cfg.embeddings] if cfg.embeddings else sources
-    check_inputs_outside(out, inputs, "embeddings" if cfg.embeddings else "from_images")
+    check_inputs_outside(out, inputs + [p for p, _ in failed_inputs], "embeddings" if cfg.embeddings else "from_images")
     settings = {"command": "synth", "model": str(folder.resolve()), "model_config": model_fingerprint(folder, out),
                 "conditions": files_fingerprint(inputs), "n_conditions": len(sources),
                 "n_per_condition": cfg.n_per_condition, "seed": cfg.seed, "steps": cfg.steps,
@@ -265,8 +397,11 @@ def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = No
         np.save(tmp, embeddings.numpy())
     n_total = len(sources) * cfg.n_per_condition
     manifest = out / "manifest.csv"
-    rows = read_manifest(manifest)
+    previous = read_manifest(manifest)
+    rows = done_rows(previous)
     done = {int(r["id"]) for r in rows}
+    failed = [{"id": "", "condition": "", "source": path, "seed": "", "model": str(cfg.model), "guidance": "",
+               "steps": "", "file": "", "status": "failed", "error": error} for path, error in failed_inputs]
     images_array = None
     if cfg.output_format == "zarr":
         import zarr
@@ -281,11 +416,11 @@ def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = No
             group.create_array("embeddings", data=embeddings.numpy(), overwrite=True)
             done, rows = set(), []
         images_array = group["images"]
-    todo = [i for i in range(n_total) if i not in done]
     if done:
-        logger.info("resuming %s: %d of %d samples done, %d to go", out, n_total - len(todo), n_total, len(todo))
-    for start in range(0, len(todo), cfg.batch_size):
-        ids = todo[start : start + cfg.batch_size]
+        logger.info("resuming %s: %d of %d samples done", out, len(done), n_total)
+    if failed or len(previous) != len(rows):  # record this run's failed inputs even when nothing is left to do
+        atomic_write_csv(manifest, rows + failed, MANIFEST_FIELDS)
+    for ids in batches(n_total, done, cfg.batch_size):
         conds = [i // cfg.n_per_condition for i in ids]
         generators = [torch.Generator().manual_seed(cfg.seed + i) for i in ids]
         with torch.no_grad():
@@ -302,9 +437,10 @@ def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = No
                 file = f"images/cond{cond:05d}_{sample_id % cfg.n_per_condition:03d}.png"
                 write_image(image, out / file)
             rows.append({"id": sample_id, "condition": cond, "source": sources[cond], "seed": cfg.seed + sample_id,
-                         "model": str(cfg.model), "guidance": cfg.guidance, "steps": cfg.steps, "file": file})
+                         "model": str(cfg.model), "guidance": cfg.guidance, "steps": cfg.steps, "file": file,
+                         "status": "done", "error": ""})
         rows.sort(key=lambda r: int(r["id"]))
-        atomic_write_csv(manifest, rows, MANIFEST_FIELDS)
+        atomic_write_csv(manifest, rows + failed, MANIFEST_FIELDS)
         if progress:
             progress(len(rows), n_total)
-    return rows
+    return rows + failed

@@ -13,6 +13,13 @@
    fingerprint of its config files, of the masks and of the style images, n, seed, steps,
    guidance, ControlNet scale, tile and format; a rerun with other settings is refused unless
    ``overwrite`` (which deletes only what a synth run writes).
+5. Bad input: in a folder of masks, a file that cannot be read (or holds no valid label map) is
+   a *failed* manifest row (``status`` ``failed``, ``error``, no id), like an unreadable style
+   image; the rest is used. Everything else is one line naming the argument before any output is
+   written: a single bad ``masks`` file (also a 1-D or 4-D array), a ``tile`` that is not a
+   positive multiple of the VAE factor, NaN/inf ``guidance``/``controlnet_scale``, more than
+   :data:`genpath.synth.MAX_SAMPLES` samples (or tiles) in all, or a ``batch_size`` above
+   :data:`genpath.synth.MAX_BATCH_SIZE`.
 
 The pipeline loads with ``MaskToImagePipeline.from_pretrained`` (a full pipeline folder or a
 ControlNet folder with ``base.json``).
@@ -29,18 +36,35 @@ import numpy as np
 import torch
 
 from genpath.encoders.reference import load_encoder_reference
-from genpath.io.images import expand_inputs, read_image, write_image
+from genpath.io.images import write_image
 from genpath.masks import check_masks
+from genpath.pipelines.checks import MAX_CONDITIONING_SCALE, MAX_GUIDANCE, check_number, check_size
 from genpath.pipelines.loading import check_pretrained_folder
 from genpath.pipelines.mask_to_image import MaskToImagePipeline
-from genpath.synth import check_inputs_outside, files_fingerprint, model_fingerprint, prepare_run_folder, read_manifest
+from genpath.synth import (
+    MAX_BATCH_SIZE,
+    MAX_SAMPLES,
+    batches,
+    check_count,
+    check_inputs_outside,
+    check_seed,
+    check_total,
+    done_rows,
+    embed_images,
+    files_fingerprint,
+    list_images,
+    model_fingerprint,
+    prepare_run_folder,
+    read_manifest,
+)
 from genpath.utils.atomic import atomic_path, atomic_write_csv
 from genpath.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
 MASK_MANIFEST_FIELDS = ("id", "mask", "mask_source", "style", "seed", "model", "controlnet_scale", "guidance",
-                        "steps", "file", "mask_file")
+                        "steps", "file", "mask_file", "status", "error")
+Mask = tuple[str, torch.Tensor, torch.Tensor | None]
 
 
 @dataclass
@@ -66,52 +90,101 @@ class MaskSynthConfig:
     def __post_init__(self) -> None:
         if self.output_format not in ("zarr", "png"):
             raise ValueError(f"output_format: expected 'zarr' or 'png', got {self.output_format!r}")
-        for name in ("n_per_mask", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        check_count(self.n_per_mask, "n_per_mask (--n-per-condition)", MAX_SAMPLES)
+        check_count(self.batch_size, "batch_size", MAX_BATCH_SIZE)
+        check_count(self.steps, "steps", 10_000)
+        check_seed(self.seed)
+        check_number(self.guidance, "guidance", 0.0, MAX_GUIDANCE, "1 = no guidance")
+        check_number(self.controlnet_scale, "controlnet_scale", 0.0, MAX_CONDITIONING_SCALE, "0 ignores the mask")
+        if self.tile is not None:
+            check_count(self.tile, "tile", 2**31 - 1)
 
 
-def load_mask_files(source: str | Path) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
-    """Read ``(name, instances (H,W), types (H,W) or None)`` from a ``.npz``/label image or a folder of them."""
+def _read_mask_file(path: Path) -> list[Mask]:
+    """Read the masks of one ``.npz`` (``(H,W)``/``(N,H,W)``) or label image; a problem is a ValueError naming masks."""
     from genpath.training.mask_data import read_label_map
 
-    source = Path(source)
-    if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".npz", ".png", ".tif", ".tiff"))
-    elif source.is_file():
-        files = [source]
-    else:
-        raise FileNotFoundError(f"masks: expected a .npz file, a label image or a folder of them, got {source}")
-    out: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
-    for path in files:
+    try:
         if path.suffix.lower() != ".npz":
-            out.append((path.name, read_label_map(path), None))
-            continue
-        with np.load(path) as data:
+            return [(path.name, read_label_map(path), None)]
+        with open(path, "rb") as handle:
+            if handle.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # else numpy would try to unpickle
+                raise ValueError(f"masks: expected a readable .npz or label image, got {path} (not a .npz archive)")
+        with np.load(path, allow_pickle=False) as data:
             key = next((k for k in ("instances", "nuc_raster") if k in data.files), None)
             if key is None:
                 raise ValueError(f"masks: expected an 'instances' or 'nuc_raster' array in {path}, got {data.files}")
             inst = data[key]
             types = data["types"] if "types" in data.files else None
-        for array in (inst, types):
-            if array is not None and not np.issubdtype(array.dtype, np.integer):
-                raise ValueError(f"masks: expected integer label maps in {path}, got {array.dtype}")
-        inst_t = torch.from_numpy(inst.astype(np.int64))
-        types_t = None if types is None else torch.from_numpy(types.astype(np.int64))
-        if inst_t.ndim == 2:
-            out.append((path.name, inst_t, types_t))
-        else:
-            out.extend((f"{path.name}[{i}]", inst_t[i], None if types_t is None else types_t[i])
-                       for i in range(inst_t.shape[0]))
+    except ValueError as error:
+        if str(error).startswith("masks:"):
+            raise
+        raise ValueError(f"masks: expected a readable label map, got {path} ({error})") from None
+    except Exception as error:  # noqa: BLE001 - numpy, zipfile and Pillow raise many error types on broken files
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"masks: expected a readable .npz or label image, got {path} "
+                         f"({type(error).__name__}: {first})") from None
+    for array in (inst, types):
+        if array is not None and not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"masks: expected integer label maps in {path}, got {array.dtype}")
+    if inst.ndim not in (2, 3) or 0 in inst.shape[-2:]:
+        raise ValueError(f"masks: expected label maps (H,W) or (N,H,W) in {path}, got shape {inst.shape}")
+    if types is not None and types.shape != inst.shape:
+        raise ValueError(f"masks: expected types of shape {inst.shape} like the instances in {path}, "
+                         f"got {types.shape}")
+    inst_t = torch.from_numpy(inst.astype(np.int64))
+    types_t = None if types is None else torch.from_numpy(types.astype(np.int64))
+    try:
+        check_masks(inst_t, types_t, 0, "masks")
+    except ValueError as error:
+        raise ValueError(f"{error} in {path}") from None
+    if inst_t.ndim == 2:
+        return [(path.name, inst_t, types_t)]
+    return [(f"{path.name}[{i}]", inst_t[i], None if types_t is None else types_t[i]) for i in range(inst_t.shape[0])]
+
+
+def load_mask_files(source: str | Path, failed: list[tuple[str, str]] | None = None) -> list[Mask]:
+    """Read ``(name, instances (H,W), types (H,W) or None)`` from a ``.npz``/label image or a folder of them.
+
+    Args:
+        source: a ``.npz`` file, a label image, or a folder of them.
+        failed: when given, a file of a folder that cannot be read is appended to it as
+            ``(path, error)`` and skipped; otherwise (and always for a single file) it is an error.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: a bad file (see ``failed``), or no mask at all.
+    """
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".npz", ".png", ".tif", ".tiff")
+                       and not p.name.startswith("."))
+    elif source.is_file():
+        files = [source]
+    else:
+        raise FileNotFoundError(f"masks: expected a .npz file, a label image or a folder of them, got {source}")
+    out: list[Mask] = []
+    for path in files:
+        try:
+            out.extend(_read_mask_file(path))
+        except ValueError as error:
+            if failed is None or not source.is_dir():
+                raise
+            logger.info("masks: skipping %s: %s", path, error)
+            failed.append((str(path), str(error)))
     if not out:
-        raise ValueError(f"masks: expected at least one mask in {source}, got none")
+        raise ValueError(f"masks: expected at least one mask in {source}, got none"
+                         + (f" ({len(failed)} unreadable: {failed[0][1]})" if failed else ""))
     return out
 
 
-def tile_masks(masks: list[tuple[str, torch.Tensor, torch.Tensor | None]], tile: int | None):  # noqa: ANN201
+def tile_masks(masks: list[Mask], tile: int | None):  # noqa: ANN201
     """Cut masks into ``tile``-pixel tiles that hold nuclei (all masks must then share one size otherwise)."""
     if tile is None:
         return masks
+    most = sum((inst.shape[0] // tile) * (inst.shape[1] // tile) for _, inst, _ in masks)
+    if not most <= MAX_SAMPLES:
+        raise ValueError(f"tile: expected at most {MAX_SAMPLES} tiles in all, got up to {most} of {tile}px")
     out = []
     for name, inst, types in masks:
         h, w = inst.shape
@@ -141,27 +214,29 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Generate (or finish generating) an (image, mask) dataset; returns the manifest rows."""
+    """Generate (or finish generating) an (image, mask) dataset; returns the manifest rows (failed inputs last)."""
     folder = check_pretrained_folder(cfg.model, "model", "MaskToImagePipeline or ControlNet folder")
     base = check_pretrained_folder(cfg.base, "base", "EmbeddingToImagePipeline folder") if cfg.base else None
     pipe = MaskToImagePipeline.from_pretrained(folder, **({"base": base} if base else {}))
-    masks = tile_masks(load_mask_files(cfg.masks), cfg.tile)
+    if cfg.tile is not None:
+        check_size(cfg.tile, "tile", pipe.vae_scale_factor)
+    mask_failures: list[tuple[str, str]] = []
+    masks = tile_masks(load_mask_files(cfg.masks, mask_failures), cfg.tile)
+    check_total(len(masks), cfg.n_per_mask, "n_per_mask (--n-per-condition)", "masks")
     shapes = {tuple(m[1].shape) for m in masks}
     if len(shapes) != 1:
         raise ValueError(f"masks: expected one mask size (use --tile), got sizes {sorted(shapes)}")
     h, w = shapes.pop()
     for _, inst, types in masks:  # fail before any compute
         pipe.check_inputs(inst, types, None, cfg.steps, cfg.guidance, cfg.controlnet_scale)
-    styles, style_names = None, []
+    styles, style_names, style_failures = None, [], []
     if cfg.style_from:
+        files = list_images(cfg.style_from, "style_from")
         encoder = load_encoder_reference(folder, allow_code=cfg.trust_model_code)
-        files = expand_inputs(cfg.style_from)
-        with torch.no_grad():
-            styles = torch.cat([encoder(read_image(p)[None]) for p, _ in files])
-        style_names = [str(p) for p, _ in files]
+        styles, style_names, style_failures = embed_images(encoder, files, "style_from")
     out = Path(cfg.out)
     check_inputs_outside(out, [cfg.masks], "masks")
-    check_inputs_outside(out, style_names, "style_from")
+    check_inputs_outside(out, style_names + [p for p, _ in style_failures], "style_from")
     settings = {"command": "synth --masks", "model": str(folder.resolve()),
                 "model_config": model_fingerprint(folder, out), "masks": masks_fingerprint(masks),
                 "base": str(base.resolve()) if base else None,
@@ -171,8 +246,14 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
     prepare_run_folder(out, settings, cfg.overwrite)
     n_total = len(masks) * cfg.n_per_mask
     manifest = out / "manifest.csv"
-    rows = read_manifest(manifest)
+    previous = read_manifest(manifest)
+    rows = done_rows(previous)
     done = {int(r["id"]) for r in rows}
+    blank = dict.fromkeys(MASK_MANIFEST_FIELDS, "")
+    failed = [{**blank, "mask_source": path, "model": str(cfg.model), "status": "failed", "error": error}
+              for path, error in mask_failures]
+    failed += [{**blank, "style": path, "model": str(cfg.model), "status": "failed", "error": error}
+               for path, error in style_failures]
     arrays = None
     if cfg.output_format == "zarr":
         import zarr
@@ -184,11 +265,11 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
                 group.create_array(key, shape=(n_total, h, w), chunks=(1, h, w), dtype="int32", overwrite=True)
             done, rows = set(), []
         arrays = group
-    todo = [i for i in range(n_total) if i not in done]
     if done:
-        logger.info("resuming %s: %d of %d samples done, %d to go", out, n_total - len(todo), n_total, len(todo))
-    for start in range(0, len(todo), cfg.batch_size):
-        ids = todo[start : start + cfg.batch_size]
+        logger.info("resuming %s: %d of %d samples done", out, len(done), n_total)
+    if failed or len(previous) != len(rows):  # record this run's failed inputs even when nothing is left to do
+        atomic_write_csv(manifest, rows + failed, MASK_MANIFEST_FIELDS)
+    for ids in batches(n_total, done, cfg.batch_size):
         mask_ids = [i // cfg.n_per_mask for i in ids]
         inst = torch.stack([masks[m][1] for m in mask_ids])
         types = torch.stack([masks[m][2] if masks[m][2] is not None else torch.zeros_like(masks[m][1])
@@ -215,9 +296,9 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
                          "style": style_names[m % len(style_names)] if style_names else "",
                          "seed": cfg.seed + sample_id, "model": str(cfg.model),
                          "controlnet_scale": cfg.controlnet_scale, "guidance": cfg.guidance, "steps": cfg.steps,
-                         "file": file, "mask_file": mask_file})
+                         "file": file, "mask_file": mask_file, "status": "done", "error": ""})
         rows.sort(key=lambda r: int(r["id"]))
-        atomic_write_csv(manifest, rows, MASK_MANIFEST_FIELDS)
+        atomic_write_csv(manifest, rows + failed, MASK_MANIFEST_FIELDS)
         if progress:
             progress(len(rows), n_total)
-    return rows
+    return rows + failed

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -181,12 +182,15 @@ def refuse_output_collisions(plan: Plan, shown: int = 3) -> list[tuple[Path, Pat
     return unique
 
 
-def remove_stale_temporaries(out: Path, plan: Plan, extra: Iterable[str] = ("manifest.json",)) -> list[Path]:
+def remove_stale_temporaries(out: Path, plan: Plan, extra: Iterable[str] = ("manifest.json",),
+                             min_age: float = 120.0) -> list[Path]:
     """Delete the hidden temporary siblings (``.<name>.<random><suffix>``) a killed run left beside this run's outputs.
 
     :func:`genpath.utils.atomic.atomic_path` removes its temporary file on any error; only a
     process killed mid-write (``kill -9``, power loss) leaves one. Only temporaries of outputs
     this run will write (and of ``extra`` names in ``out``) are touched; each folder is listed once.
+    Temporaries younger than ``min_age`` seconds may belong to a run still writing into the same
+    folder, so they are left alone (they are hidden and never read as inputs; a later run removes them).
 
     Returns:
         The files removed.
@@ -198,8 +202,10 @@ def remove_stale_temporaries(out: Path, plan: Plan, extra: Iterable[str] = ("man
     for folder, wanted in names.items():
         if not folder.is_dir():
             continue
+        now = time.time()
         with os.scandir(folder) as entries:
-            hidden = [e for e in entries if e.name.startswith(".") and e.is_file(follow_symlinks=False)]
+            hidden = [e for e in entries if e.name.startswith(".") and e.is_file(follow_symlinks=False)
+                      and now - e.stat(follow_symlinks=False).st_mtime >= min_age]
         for entry in hidden:
             body = entry.name[1:]
             dots = [i for i, c in enumerate(body) if c == "."]

@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from genpath.cli.common import console, progress_bar, user_errors
+from genpath.cli.common import console, progress_bar, report_failures, user_errors
+
+
+def _report(rows: list[dict], what: str, inputs: tuple[str, ...]) -> None:
+    """Print the summary and each failed input (an unreadable image or mask file); exit 1 when any failed."""
+    failed = [{"status": "failed", "input": next((r[k] for k in inputs if r.get(k)), ""), "error": r.get("error")}
+              for r in rows if r.get("status") == "failed"]
+    report_failures(failed, f"{len(rows) - len(failed)} {what}" + (f"; {len(failed)} inputs failed" if failed else ""))
 
 
 @user_errors
@@ -17,17 +24,19 @@ def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     from_images: Annotated[list[str] | None, typer.Option(help="Real images to make variations of.")] = None,
     embeddings: Annotated[Path | None, typer.Option(help="Conditions as an (N,D) .npy file.")] = None,
-    n_per_condition: Annotated[int, typer.Option(help="Samples per condition.")] = 4,
+    n_per_condition: Annotated[int, typer.Option(help="Samples per condition (at most 10 million samples in "
+                                                      "all).")] = 4,
     output_format: Annotated[str, typer.Option("--format", help="zarr or png.")] = "zarr",
     seed: Annotated[int, typer.Option(help="Base seed; sample i uses seed + i.")] = 0,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off).")] = 2.0,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
-    batch_size: Annotated[int, typer.Option(help="Samples per pipeline call.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Samples per pipeline call (1..1024).")] = 8,
     masks: Annotated[Path | None, typer.Option(help="Nuclei masks (.npz, label image or folder): "
                                                     "needs a MaskToImagePipeline --model.")] = None,
     style_from: Annotated[list[str] | None, typer.Option(help="--masks: images whose embeddings set style.")] = None,
     controlnet_scale: Annotated[float, typer.Option(help="--masks: weight of the mask (0 ignores it).")] = 1.0,
-    tile: Annotated[int | None, typer.Option(help="--masks: cut larger masks into tiles of this size.")] = None,
+    tile: Annotated[int | None, typer.Option(help="--masks: cut larger masks into tiles of this size (a multiple "
+                                                  "of the VAE factor).")] = None,
     base: Annotated[Path | None, typer.Option(help="--masks: the base EmbeddingToImagePipeline of a ControlNet "
                                                    "folder (checked against its base.json fingerprint).")] = None,
     trust_model_code: Annotated[bool, typer.Option(help="Let the model folder's encoder.json name a TorchScript "
@@ -40,7 +49,8 @@ def synth(
     """Generate a synthetic dataset (images, embeddings, manifest.csv); an interrupted run resumes.
 
     OUT/run.json records the settings; a rerun with other settings into the same --out is
-    refused unless --overwrite.
+    refused unless --overwrite. An unreadable reference/style image or mask file (in a
+    folder) is a failed row of manifest.csv, the rest is generated, and the exit code is 1.
 
     With ``--masks``: (image, mask) pairs from a MaskToImagePipeline, one or more per mask
     (``--n-per-condition``), to OUT/pairs.zarr or OUT/images + OUT/masks.
@@ -55,7 +65,7 @@ def synth(
                               base=str(base) if base else None, trust_model_code=trust_model_code)
         with progress_bar("synth (masks)") as update:
             rows = run_mask_synth(cfg, progress=lambda done, total: update(completed=done, total=total))
-        console.print(f"{len(rows)} (image, mask) pairs and manifest.csv in {out}", highlight=False)
+        _report(rows, f"(image, mask) pairs and manifest.csv in {out}", ("mask_source", "style"))
         return
     from genpath.synth import SynthConfig, run_synth
 
@@ -65,7 +75,7 @@ def synth(
                       overwrite=overwrite, trust_model_code=trust_model_code)
     with progress_bar("synth") as update:
         rows = run_synth(cfg, progress=lambda done, total: update(completed=done, total=total))
-    console.print(f"{len(rows)} samples, manifest.csv and embeddings.npy in {out}", highlight=False)
+    _report(rows, f"samples, manifest.csv and embeddings.npy in {out}", ("source",))
 
 
 @user_errors

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import sys
 
 _ROOT = "genpath"
 
@@ -28,6 +29,15 @@ def set_verbosity(level: int) -> None:
         logger = logging.getLogger(root)
         logger.setLevel(level)
         if not logger.handlers:
-            handler = logging.StreamHandler()
+            handler = _CurrentStderrHandler()
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             logger.addHandler(handler)
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Write to whatever ``sys.stderr`` is *now* (a test runner or a CLI wrapper may swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+

@@ -3,6 +3,8 @@ temporaries, same-name inputs and synth-large outputs (issue 21, item 2)."""
 
 import glob
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -267,10 +269,13 @@ def test_stale_temporaries_are_removed_and_never_match_output_globs(tmp_path):
     (out / "sub").mkdir(parents=True)
     stale = [out / ".a.png.x8k2m1q9.png", out / "sub" / ".b.png.abc_1234.png", out / ".manifest.json.z9y8x7w6.json"]
     kept = [out / ".z.png.x8k2m1q9.png", out / ".keep", out / ".a.png", out / "notes.txt"]  # not this run's
-    for path in stale + kept:
+    fresh = out / ".a.png.k3j2h1g0.png"  # may belong to a run writing into this folder right now
+    for path in stale + kept + [fresh]:
         path.write_bytes(b"")
+        if path != fresh:
+            os.utime(path, (time.time() - 3600, time.time() - 3600))  # left by a run killed an hour ago
     normalize_tiles(inputs, out, Identity())
-    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept) and fresh.exists()
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png") if not p.name.startswith(".")) == [
         "a.png", "sub/b.png"]
     assert glob.glob(str(out / "*.png")) == [str(out / "a.png")]  # hidden names never match an output glob
