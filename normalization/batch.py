@@ -45,7 +45,7 @@ def _file_digest(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _target_files(target: list[str] | str) -> list:
+def target_files(target: list[str] | str) -> list:
     try:
         return expand_inputs([target] if isinstance(target, str) else target)
     except FileNotFoundError as error:
@@ -61,7 +61,7 @@ def config_hash(config: NormalizeConfig) -> str:
     relevant = {
         "method": config.method,
         "options": config.options,
-        "targets": [_file_digest(p) for p, _ in _target_files(config.target)] if config.target else [],
+        "targets": [_file_digest(p) for p, _ in target_files(config.target)] if config.target else [],
         "state": _file_digest(config.state) if config.state else None,
         "slide": {k: v for k, v in config.slide_options().to_dict().items() if k != "batch_size"},
         "mpp": config.mpp,

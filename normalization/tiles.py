@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -182,6 +183,23 @@ def refuse_output_collisions(plan: Plan, shown: int = 3) -> list[tuple[Path, Pat
     return unique
 
 
+def _written_now(entry: os.DirEntry, now: float, min_age: float) -> bool:
+    """Whether a hidden temporary may belong to a run still writing (its pid is alive, or it is fresh)."""
+    match = re.search(r"\.(\d+)-[^.]*\.[^.]+$", entry.name)
+    if match:
+        pid = int(match.group(1))
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, ValueError, OverflowError):
+            return False
+        except PermissionError:
+            return True
+        return True
+    return now - entry.stat(follow_symlinks=False).st_mtime < min_age
+
+
 def remove_stale_temporaries(out: Path, plan: Plan, extra: Iterable[str] = ("manifest.json",),
                              min_age: float = 120.0) -> list[Path]:
     """Delete the hidden temporary siblings (``.<name>.<random><suffix>``) a killed run left beside this run's outputs.
@@ -189,8 +207,9 @@ def remove_stale_temporaries(out: Path, plan: Plan, extra: Iterable[str] = ("man
     :func:`genpath.utils.atomic.atomic_path` removes its temporary file on any error; only a
     process killed mid-write (``kill -9``, power loss) leaves one. Only temporaries of outputs
     this run will write (and of ``extra`` names in ``out``) are touched; each folder is listed once.
-    Temporaries younger than ``min_age`` seconds may belong to a run still writing into the same
-    folder, so they are left alone (they are hidden and never read as inputs; a later run removes them).
+    A temporary whose name carries the pid of a live process belongs to a run still writing into
+    the same folder and is left alone; one without a pid is removed only when older than
+    ``min_age`` seconds (they are hidden and never read as inputs).
 
     Returns:
         The files removed.
@@ -205,7 +224,7 @@ def remove_stale_temporaries(out: Path, plan: Plan, extra: Iterable[str] = ("man
         now = time.time()
         with os.scandir(folder) as entries:
             hidden = [e for e in entries if e.name.startswith(".") and e.is_file(follow_symlinks=False)
-                      and now - e.stat(follow_symlinks=False).st_mtime >= min_age]
+                      and not _written_now(e, now, min_age)]
         for entry in hidden:
             body = entry.name[1:]
             dots = [i for i, c in enumerate(body) if c == "."]

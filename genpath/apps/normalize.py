@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -24,8 +25,9 @@ from genpath.config import check_types, load_config
 from genpath.io.images import expand_inputs, plan_outputs
 from genpath.utils.logging import get_logger
 from genpath.utils.paths import require_output_folder
+from genpath.utils.runs import check_run_settings, previous_manifest_outputs
 from genpath.wsi import inputs_hold_slides
-from normalization.batch import config_hash, normalizer_for, run_batch
+from normalization.batch import config_hash, normalizer_for, run_batch, target_files
 from normalization.config import NormalizeConfig, load_or_fit_normalizer
 from normalization.tiles import normalize_tiles, refuse_output_collisions
 
@@ -105,19 +107,43 @@ def _is_normalizer_state(path: Path) -> bool:
         return False
 
 
+def tile_settings(config: NormalizeConfig) -> dict[str, Any]:
+    """Fingerprint of what decides tile outputs: method, options, target/state file contents, format, version."""
+    from genpath import __version__
+
+    def digest(path: str | Path) -> str:
+        sha = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(block)
+        return sha.hexdigest()[:16]
+
+    targets = [digest(p) for p, _ in target_files(config.target)] if config.target and not config.state else []
+    return {"method": None if config.state else config.method, "options": config.options, "targets": targets,
+            "state": digest(config.state) if config.state and Path(config.state).is_file() else None,
+            "format": config.output_format or "png", "version": __version__}
+
+
 def run_normalize_tiles(
     inputs: Sequence[str | Path],
     out: str | Path,
     config: NormalizeConfig,
     save_state: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Fit (or load) the normalizer once and normalize image tiles into ``out`` (see :func:`normalize_tiles`)."""
+    """Fit (or load) the normalizer once and normalize image tiles into ``out`` (see :func:`normalize_tiles`).
+
+    A rerun into ``out`` with other settings (method, options, target or state contents, format)
+    is refused unless ``overwrite``, which first removes the previous run's outputs: one folder
+    never mixes tiles normalized two ways.
+    """
     config.require_source()
     require_output_folder(out)
     _check_state_destination(save_state, inputs, config)
     # every output name checked before the normalizer is fitted or a state written
     refuse_output_collisions(plan_outputs(expand_inputs(inputs), out, config.output_format or "png"))
+    check_run_settings(out, "normalize tiles", tile_settings(config), overwrite, previous_manifest_outputs(out))
     normalizer = load_or_fit_normalizer(config.method, config.target, config.state, config.options, config.device)
     if save_state:
         normalizer.save(save_state)

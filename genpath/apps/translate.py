@@ -22,6 +22,7 @@ import torch
 from genpath.io.images import expand_inputs, plan_outputs, read_image, write_image
 from genpath.utils.logging import get_logger
 from genpath.utils.paths import require_output_folder
+from genpath.utils.runs import check_run_settings, previous_manifest_outputs
 from genpath.wsi import SlideBatchSettings, SlideOptions, expand_slides, run_slide_batch, run_slide_job
 from normalization.tiles import TileManifest, refuse_output_collisions, remove_stale_temporaries
 
@@ -48,8 +49,23 @@ class TranslateOptions:
             raise ValueError(f"batch_size: expected a positive integer, got {self.batch_size}")
 
 
+def translator_fingerprint(translator: torch.nn.Module) -> str:
+    """SHA-256 (16 hex digits) of a translator's weights: a rerun with another model is a new run."""
+    import hashlib
+
+    sha = hashlib.sha256()
+    if not hasattr(translator, "state_dict"):  # a plain function: its name stands for it
+        sha.update(f"{getattr(translator, '__module__', '')}.{getattr(translator, '__qualname__', '')}".encode())
+        return sha.hexdigest()[:16]
+    for name, tensor in sorted(translator.state_dict().items()):
+        sha.update(name.encode())
+        sha.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()[:16]
+
+
 def translate_tiles(inputs: list[str], out: Path, translator: torch.nn.Module,
-                    output_format: str = "png", on_done: Callable[[], None] | None = None) -> list[dict]:
+                    output_format: str = "png", on_done: Callable[[], None] | None = None,
+                    overwrite: bool = False) -> list[dict]:
     """Translate image files one by one; returns manifest rows (never raises for one bad file).
 
     Args:
@@ -59,6 +75,8 @@ def translate_tiles(inputs: list[str], out: Path, translator: torch.nn.Module,
         translator: maps a ``(3,H,W)`` H&E image to IHC.
         output_format: ``png``, ``jpg``, ``tif`` or ``same``.
         on_done: called after each file.
+        overwrite: replace a previous run in ``out`` made with another model or settings (its
+            outputs are removed first); otherwise such a rerun is refused.
 
     Raises:
         FileNotFoundError: an input matches nothing.
@@ -70,6 +88,9 @@ def translate_tiles(inputs: list[str], out: Path, translator: torch.nn.Module,
                          f"got {output_format!r}")
     out = Path(out)
     plan = refuse_output_collisions(plan_outputs(expand_inputs(inputs), out, output_format))
+    settings = {"weights": translator_fingerprint(translator), "format": output_format,
+                "steps": getattr(translator, "num_inference_steps", None), "seed": getattr(translator, "seed", None)}
+    check_run_settings(out, "translate tiles", settings, overwrite, previous_manifest_outputs(out))
     manifest = TileManifest(out, plan)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out, plan)

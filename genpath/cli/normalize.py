@@ -48,13 +48,15 @@ Scheduler = Annotated[str | None, typer.Option(help="Dask scheduler address (def
 @user_errors
 def tiles(inputs: Inputs, out: Out, method: Method = None, model: Model = None, target: Target = None,
           state: State = None, config: Config = None, save_state: SaveState = None, batch_size: BatchSize = None,
-          output_format: TileFormat = None, on_invalid: OnInvalid = None) -> None:
-    """Normalize image tiles (PNG/JPEG/TIFF) to OUT/<name>.<format>, with OUT/manifest.json."""
+          output_format: TileFormat = None, on_invalid: OnInvalid = None,
+          overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in OUT made with "
+                                                  "other settings (its outputs are removed first).")] = False) -> None:
+    """Normalize image tiles (PNG/JPEG/TIFF) to OUT/<name>.<format>, with OUT/manifest.json and OUT/run.json."""
     from genpath.apps.normalize import resolve_normalize_config
 
     cfg = resolve_normalize_config(config, "tiles", method=method, model=model, target=target, state=state,
                                    batch_size=batch_size, output_format=output_format, on_invalid=on_invalid)
-    _run_tiles(inputs, out, cfg, save_state)
+    _run_tiles(inputs, out, cfg, save_state, overwrite)
 
 
 @app.command("slides")
@@ -91,7 +93,7 @@ def auto(inputs: Inputs, out: Out, method: Method = None, model: Model = None, t
     options: dict[str, Any] = dict(method=method, model=model, target=target, state=state, batch_size=batch_size,
                                    output_format=output_format, on_invalid=on_invalid)
     if detect_mode(inputs, output_format, config) == "tiles":
-        _run_tiles(inputs, out, resolve_normalize_config(config, "tiles", **options), save_state)
+        _run_tiles(inputs, out, resolve_normalize_config(config, "tiles", **options), save_state, resume is False)
         return
     cfg = resolve_normalize_config(
         config, "slides", **options, tile_size=tile_size, overlap=overlap, level=level, mpp=mpp,
@@ -100,11 +102,12 @@ def auto(inputs: Inputs, out: Out, method: Method = None, model: Model = None, t
     _run_slides(inputs, out, cfg, save_state)
 
 
-def _run_tiles(inputs: list[str], out: Path, cfg: Any, save_state: Path | None) -> None:
+def _run_tiles(inputs: list[str], out: Path, cfg: Any, save_state: Path | None, overwrite: bool = False) -> None:
     from genpath.apps.normalize import run_normalize_tiles
 
     with progress_bar(f"normalize ({cfg.method})") as update:
-        records = run_normalize_tiles(inputs, out, cfg, save_state, progress=lambda n: update(advance=n))
+        records = run_normalize_tiles(inputs, out, cfg, save_state, progress=lambda n: update(advance=n),
+                                      overwrite=overwrite)
     failed = sum(r["status"] == "failed" for r in records)
     passed = sum(r["status"] == "passed_through" for r in records)
     report_failures(records, f"normalized {len(records) - failed - passed}, passed through (no usable tissue) "

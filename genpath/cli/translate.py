@@ -32,7 +32,9 @@ def _translator(model: Path, steps: int, seed: int):  # noqa: ANN202 - a Transla
 @app.command("tiles")
 @user_errors
 def tiles(inputs: Inputs, model: Model, out: Out, steps: Steps = 4, seed: Seed = 0,
-          output_format: Annotated[str, typer.Option("--format", help="png, jpg, tif or same.")] = "png") -> None:
+          output_format: Annotated[str, typer.Option("--format", help="png, jpg, tif or same.")] = "png",
+          overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in OUT made with "
+                                                  "another model or settings.")] = False) -> None:
     """Translate image tiles to OUT/<name>.<format>, with OUT/manifest.json (IHC-looking inputs get a warning)."""
     from genpath.apps.translate import TranslateOptions, translate_tiles
     from genpath.io.images import expand_inputs, plan_outputs
@@ -42,7 +44,8 @@ def tiles(inputs: Inputs, model: Model, out: Out, steps: Steps = 4, seed: Seed =
     refuse_output_collisions(plan_outputs(expand_inputs(inputs), out, output_format))  # before loading the model
     translator = _translator(model, steps, seed)
     with progress_bar("translate") as update:
-        rows = translate_tiles(inputs, out, translator, output_format, on_done=lambda: update(advance=1))
+        rows = translate_tiles(inputs, out, translator, output_format, on_done=lambda: update(advance=1),
+                               overwrite=overwrite)
     failed = sum(r["status"] == "failed" for r in rows)
     report_failures(rows, f"tiles translated {len(rows) - failed}, failed {failed}; outputs and manifest.json in {out}")
 

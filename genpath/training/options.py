@@ -113,6 +113,8 @@ class TrainerSpec:
         summary: one line for ``--help``.
         model: the class (``module:Class``) whose constructor takes the ``model:`` block;
             ``translator`` picks by ``options.kind`` (``gan`` / ``diffusion``); None: no block.
+        model_defaults: the trainer's own defaults for that class (``module:NAME`` of a dict),
+            under the user's block when the block is checked.
     """
 
     function: str
@@ -120,6 +122,7 @@ class TrainerSpec:
     example: str
     summary: str
     model: str | dict[str, str] | None = None
+    model_defaults: str | dict[str, str] | None = None
 
 
 TRAINERS: dict[str, TrainerSpec] = {
@@ -130,14 +133,14 @@ TRAINERS: dict[str, TrainerSpec] = {
                        "Train the VAE (diffusers AutoencoderKL).", "diffusers:AutoencoderKL"),
     "ldm": TrainerSpec("genpath.training.ldm:train_ldm", LDMOptions, "configs/ldm_small.yaml",
                        "Train the embedding-conditioned latent diffusion model (saves an EmbeddingToImagePipeline).",
-                       "diffusers:UNet2DConditionModel"),
+                       "diffusers:UNet2DConditionModel", "genpath.training.ldm:SMALL_UNET"),
     "histaug": TrainerSpec("genpath.training.histaug:train_histaug", HistAugOptions, "configs/histaug_small.yaml",
                            "Train HistAug (feature-space augmentation) for a frozen registered encoder.",
                            "augment.histaug:HistAugModel"),
     "stainfuser": TrainerSpec("genpath.training.stainfuser:train_stainfuser", StainFuserOptions,
                               "configs/stainfuser_small.yaml",
                               "Train the diffusion stain normalizer on restaining-simulator triplets.",
-                              "diffusers:UNet2DConditionModel"),
+                              "diffusers:UNet2DConditionModel", "genpath.training.stainfuser:STAINFUSER_UNET"),
     "controlnet": TrainerSpec("genpath.training.controlnet:train_controlnet", ControlNetOptions,
                               "configs/controlnet_hgsc.yaml",
                               "Train the nuclei-mask ControlNet on a frozen LDM (saves a MaskToImagePipeline)."),
@@ -145,7 +148,18 @@ TRAINERS: dict[str, TrainerSpec] = {
                               "configs/translator_bci_gan.yaml",
                               "Train an H&E->IHC translator on registered pairs (options.kind: gan or diffusion).",
                               {"gan": "genpath.translation.networks:ResnetTranslator",
-                               "diffusion": "diffusers:UNet2DConditionModel"}),
+                               "diffusion": "diffusers:UNet2DModel"},
+                              {"diffusion": "genpath.training.translator:TRANSLATION_UNET"}),
+}
+
+
+#: Allowed ranges of numeric options (None: unbounded); comparisons written so NaN fails.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "num_tokens": (1, 1024), "projector_hidden": (1, None), "max_tokens": (1, None), "num_types": (0, 64),
+    "num_patches": (1, None), "pyramid_levels": (1, 16), "max_radius": (0, 32), "cond_dropout": (0, 1),
+    "p_each": (0, 1), "temperature": (1e-6, None), "nce_temperature": (1e-6, None), "kl_weight": (0, None),
+    "ssim_weight": (0, None), "cosine_weight": (0, None), "lambda_gan": (0, None), "lambda_nce": (0, None),
+    "lambda_asp": (0, None), "lambda_pyramid": (0, None),
 }
 
 
@@ -162,6 +176,13 @@ def resolve_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"kind: expected one of {sorted(TRAINERS)}, got {kind!r}")
     cls = TRAINERS[kind].options
     options = check_types(cls, options, f"options ({kind})")
+    for key, value in options.items():
+        low, high = RANGES.get(key, (None, None))
+        if value is None or (low is None and high is None):
+            continue
+        if not ((low is None or value >= low) and (high is None or value <= high)):
+            raise ValueError(f"options.{key}: expected a value in [{low}, {high if high is not None else 'inf'}] "
+                             f"for {kind}, got {value}")
     resolved = dataclasses.asdict(cls(**options))
     return {k: v for k, v in resolved.items() if v is not None or k in options}
 
@@ -193,4 +214,22 @@ def check_model_block(kind: str, model: dict[str, Any], options: dict[str, Any])
     if unknown:
         raise ValueError(f"model: unknown keys {unknown} for {name}; expected some of "
                          f"{sorted(set(parameters) - {'self'})}")
+    import torch
+
+    defaults: dict[str, Any] = {}
+    spec_defaults = TRAINERS[kind].model_defaults
+    if isinstance(spec_defaults, dict):
+        spec_defaults = spec_defaults.get(options.get("kind", "gan"))
+    if spec_defaults:
+        module_name, attribute = spec_defaults.split(":")
+        defaults = dict(getattr(importlib.import_module(module_name), attribute))
+    import warnings
+
+    try:  # build it on the meta device: no memory, but every shape and argument is checked
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "zero-element tensors": the error below says what is wrong
+            cls(**{**defaults, **model})
+    except (ValueError, TypeError, RuntimeError, AssertionError, KeyError, IndexError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"model: expected a valid {name} configuration, got {first[:200]}") from None
 

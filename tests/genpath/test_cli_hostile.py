@@ -83,3 +83,19 @@ def test_synth_never_runs_a_torchscript_named_by_the_model_folder(tmp_path):
         result = runner.invoke(app, command)
         assert result.exit_code == 2 and "runs code from a file" in result.output, result.output
         assert not marker.exists()
+
+
+@pytest.mark.parametrize(("block", "fragment"), [
+    ("model: {block_out_channels: [0, -3, 128], cross_attention_dim: -1}",
+     "model: expected a valid UNet2DConditionModel"),
+    ("options: {num_tokens: -2}", "options.num_tokens"),
+    ("options: {cond_dropout: .nan}", "cond_dropout"),
+])
+def test_train_model_and_option_values_are_checked_before_training(tmp_path, block, fragment):
+    config = tmp_path / "ldm.yaml"
+    config.write_text(f"ldm:\n  data: {{roots: [{SAMPLES / 'tiles' / 'pcam'}], size: 32}}\n"
+                      f"  options: {{vae: x, encoder: genpath-small}}\n  {block}\n".replace(
+                          "  options: {vae: x, encoder: genpath-small}\n  options: {",
+                          "  options: {vae: x, encoder: genpath-small, "))
+    result = runner.invoke(app, ["train", "ldm", "--config", str(config), "--output-dir", str(tmp_path / "o")])
+    assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output, result.output

@@ -92,7 +92,8 @@ def test_kill_9_then_rerun_gives_a_complete_manifest(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     for png in out.glob("*.png"):
-        read_image(png)  # every output present is whole (atomic writes)
+        if not png.name.startswith("."):  # the killed run's hidden temporary (its pid is dead) is not an output
+            read_image(png)  # every output present is whole (atomic writes)
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = json.loads((out / "manifest.json").read_text())
@@ -126,3 +127,26 @@ def test_a_full_disk_fails_items_cleanly(tmp_path):
     assert "Traceback" not in result.stderr
     assert "File too large" in result.stderr or "failed" in result.stderr
     _outputs_are_whole(out)
+
+
+def test_a_rerun_with_other_settings_is_refused_unless_overwrite(tmp_path):
+    from typer.testing import CliRunner
+
+    from genpath.cli import app
+
+    src = _many_tiles(tmp_path / "in", 6)
+    out = tmp_path / "out"
+    base = ["normalize", "tiles", str(src), "--target", TARGET, "--out", str(out)]
+    assert CliRunner().invoke(app, [*base, "--method", "reinhard"]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    refused = CliRunner().invoke(app, [*base, "--method", "macenko"])
+    assert refused.exit_code == 2 and "different method" in refused.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    same = CliRunner().invoke(app, ["normalize", "tiles", str(src / "t0000.jpg"), "--target", TARGET, "--out",
+                                    str(out), "--method", "reinhard"])
+    assert same.exit_code == 0  # the same settings on a subset: fine, rows merge
+    replaced = CliRunner().invoke(app, [*base, "--method", "macenko", "--overwrite"])
+    assert replaced.exit_code == 0
+    assert all(before[p.name] != p.read_bytes() for p in out.glob("*.png"))
+    assert json.loads((out / "run.json").read_text())["settings"]["method"] == "macenko"
+    assert len(json.loads((out / "manifest.json").read_text())) == 6
