@@ -138,6 +138,10 @@ def run_batch(
     out.mkdir(parents=True, exist_ok=True)
     key = config_hash(config)
     jobs = expand_slides(inputs, out, config.slide_options().output_format)
+    previous = _recorded_hash(out / "config.yaml")
+    if previous is not None and previous != key and not overwrite and config.resume is not False:
+        raise ValueError(f"out: expected the settings of the run already in {out} (config hash {previous}; or "
+                         f"--overwrite), got other settings (config hash {key})")
     save_resolved_config(out / "config.yaml", config, key)
     settings = SlideBatchSettings(key=key, fields=MANIFEST_FIELDS, resume=config.resume is not False,
                                   overwrite=overwrite, executor=config.executor, workers=config.workers,
@@ -146,6 +150,19 @@ def run_batch(
     task = functools.partial(_task, config, key)
     return run_slide_batch(jobs, out, task, settings, on_slide=on_slide, on_start=on_start,
                            tile_progress=tile_progress)
+
+
+def _recorded_hash(path: Path) -> str | None:
+    """Return the config hash a previous run recorded in ``config.yaml`` (None: no previous run)."""
+    import yaml
+
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return ""
+    return str(data.get("config_hash", "")) if isinstance(data, dict) else ""
 
 
 def _task(config: NormalizeConfig, key: str, job: dict[str, Any],

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,16 +115,19 @@ def translate_tiles(inputs: list[str], out: Path, translator: torch.nn.Module,
     return records
 
 
-SLIDE_FIELDS = ("input", "output", "status", "error", "width", "height", "tiles", "seconds")
+SLIDE_FIELDS = ("input", "output", "status", "error", "width", "height", "tiles", "seconds", "config_hash")
 
 
 def translate_slides(inputs: list[str], out: Path, translator: torch.nn.Module, options: TranslateOptions,
                      on_slide: Callable[[dict], None] | None = None,
-                     tile_progress: Callable[[int, int], None] | None = None) -> list[dict]:
+                     tile_progress: Callable[[int, int], None] | None = None,
+                     overwrite: bool = False) -> list[dict]:
     """Translate whole slides into pyramids; returns manifest rows (a failed slide is recorded, not raised).
 
     The slide engine (:mod:`genpath.wsi`) streams overlapping windows through ``translator``
-    with feathered blending; ``out/manifest.csv`` is rewritten after every slide.
+    with feathered blending; ``out/manifest.csv`` is rewritten after every slide. A rerun with
+    the same model and settings resumes (finished slides are skipped); with others it is refused
+    unless ``overwrite``, which redoes every slide.
     """
     require_output_folder(out)
     output_format = options.output_format or "tiff"
@@ -130,13 +135,17 @@ def translate_slides(inputs: list[str], out: Path, translator: torch.nn.Module, 
                                  batch_size=options.batch_size, output_format=output_format, compression="jpeg")
     out = Path(out)
     jobs = expand_slides(inputs, out, output_format)
-    task = functools.partial(_translate_slide, translator, slide_options, options.device)
-    settings = SlideBatchSettings(key="", fields=SLIDE_FIELDS, resume=False)
+    record = {"weights": translator_fingerprint(translator), "steps": options.num_inference_steps,
+              "seed": options.seed, **{k: v for k, v in slide_options.to_dict().items() if k != "batch_size"}}
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    check_run_settings(out, "translate slides", record, overwrite)
+    task = functools.partial(_translate_slide, translator, slide_options, options.device, key)
+    settings = SlideBatchSettings(key=key, fields=SLIDE_FIELDS, resume=True, overwrite=overwrite)
     return run_slide_batch(jobs, out, task, settings, on_slide=on_slide, tile_progress=tile_progress)
 
 
-def _translate_slide(translator: torch.nn.Module, slide_options: SlideOptions, device: str, job: dict[str, Any],
-                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    row = run_slide_job(job, lambda: translator, slide_options, device=device, progress=progress)
+def _translate_slide(translator: torch.nn.Module, slide_options: SlideOptions, device: str, key: str,
+                     job: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    row = run_slide_job(job, lambda: translator, slide_options, key=key, device=device, progress=progress)
     row["seconds"] = round(row["seconds"], 2)
     return row

@@ -54,7 +54,10 @@ def tiles(inputs: Inputs, model: Model, out: Out, steps: Steps = 4, seed: Seed =
 @user_errors
 def slides(inputs: Inputs, model: Model, out: Out, steps: Steps = 4, seed: Seed = 0,
            output_format: Annotated[str, typer.Option("--format", help="tiff or ome-zarr.")] = "tiff",
-           tile_size: TileSize = 512, overlap: Overlap = 32, level: Level = 0, batch_size: BatchSize = 8) -> None:
+           tile_size: TileSize = 512, overlap: Overlap = 32, level: Level = 0, batch_size: BatchSize = 8,
+           overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo every slide; also replaces a previous "
+                                                   "run in OUT made with another model or settings.")] = False
+           ) -> None:
     """Translate whole slides to pyramidal OUT/<name>.tiff (or .ome.zarr), with OUT/manifest.csv."""
     from genpath.apps.translate import TranslateOptions, translate_slides
 
@@ -63,7 +66,8 @@ def slides(inputs: Inputs, model: Model, out: Out, steps: Steps = 4, seed: Seed 
     options = TranslateOptions(steps, seed, batch_size, output_format, tile_size, overlap, level)
     translator = _translator(model, steps, seed)
     with progress_bar("slides") as update:
-        rows = translate_slides(inputs, out, translator, options, on_slide=lambda row: update(advance=1))
+        rows = translate_slides(inputs, out, translator, options, on_slide=lambda row: update(advance=1),
+                                overwrite=overwrite)
     failed = sum(r["status"] == "failed" for r in rows)
     report_failures(rows, f"slides translated {len(rows) - failed}, failed {failed}; outputs and manifest.csv in {out}")
 

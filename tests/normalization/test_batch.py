@@ -72,7 +72,9 @@ def test_resume_skips_done_slides_and_redoes_on_config_change(tmp_path, slides, 
     cli(slides, "--target", TARGET, "--out", out, "--tile-size", 256)
     assert [os.path.basename(c) for c in calls] == ["b.tif"]
     calls.clear()
-    cli(slides, "--target", TARGET, "--out", out, "--tile-size", 128)  # new config hash: everything again
+    refused = cli(slides, "--target", TARGET, "--out", out, "--tile-size", 128)  # other settings: refused
+    assert refused.exit_code == 2 and "or --overwrite" in refused.output and calls == []
+    cli(slides, "--target", TARGET, "--out", out, "--tile-size", 128, "--overwrite")  # new config: everything again
     assert len(calls) == 2 and manifest(out)["a.svs"]["config_hash"] != first["a.svs"]["config_hash"]
     calls.clear()
     cli(slides, "--target", TARGET, "--out", out, "--tile-size", 128, "--overwrite")
