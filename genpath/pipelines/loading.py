@@ -202,6 +202,11 @@ class GenpathPipelineMixin:
         """Every component ``__init__`` needs is listed in ``model_index.json`` and has its subfolder."""
         expected, _ = cls._get_signature_keys(cls)  # diffusers: required __init__ parameters
         listed = {k for k, v in spec.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
+        root = folder.resolve()
+        outside = [k for k in listed if (folder / k).exists() and not (folder / k).resolve().is_relative_to(root)]
+        if outside:
+            raise ValueError(f"{ARGUMENT}: expected every component inside {folder}, got {outside} linking outside it "
+                             "(a model folder may only name its own files)")
         missing = [k for k in expected if k not in listed and k not in provided]
         missing += [k for k in expected if k in listed and k not in provided and not (folder / k).is_dir()]
         if missing:

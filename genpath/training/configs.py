@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,11 @@ class DataSettings:
                              "got none")
         if self.pairs and "root" not in self.pairs:
             raise ValueError(f"data.pairs: expected a 'root' folder, got keys {sorted(self.pairs)}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"data.holdout: expected a share in [0, 1), got {self.holdout}")
+        if self.crops_per_image < 1 or not (self.mask_scale > 0 and math.isfinite(self.mask_scale)):
+            raise ValueError(f"data.crops_per_image / data.mask_scale: expected >= 1 / a finite value > 0, got "
+                             f"{self.crops_per_image} / {self.mask_scale}")
         if self.size < 16 or self.size % 8:
             raise ValueError(f"data.size: expected a multiple of 8, at least 16, got {self.size}")
 

@@ -45,6 +45,8 @@ class LoopSettings:
         for name in ("max_steps", "batch_size", "checkpoint_every", "log_every", "sample_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"train.output_dir: expected a folder, got the existing file {self.output_dir}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate: expected a finite positive number, got {self.learning_rate}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):

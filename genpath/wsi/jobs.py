@@ -135,6 +135,9 @@ def expand_slides(inputs: Iterable[str | Path], out: Path, output_format: str) -
             raise ValueError(f"inputs: expected distinct output names, got {claimed[output]} and {source} "
                              f"both writing {output}")
         if output in claimed:
+            twin = next(job for job in jobs if job["output"] == output)
+            if twin["mpp"] != mpp:
+                raise ValueError(f"mpp: expected one mpp per slide, got {twin['mpp']} and {mpp} for {source}")
             continue  # the same slide named twice: one job
         claimed[output] = str(source)
         jobs.append({"input": str(source), "output": output, "mpp": mpp})

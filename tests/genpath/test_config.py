@@ -67,3 +67,14 @@ def test_trainer_options_are_typed():
         resolve_options("controlnet", {"cond_dropout": "high"})
     with pytest.raises(ValueError, match="kind"):
         resolve_options("gan", {})
+
+
+def test_training_settings_name_bad_values(tmp_path):
+    from genpath.training.configs import TrainConfig
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="train.output_dir: expected a folder"):
+        TrainConfig.from_dict({"data": {"roots": ["x"]}, "train": {"output_dir": str(afile)}})
+    with pytest.raises(ValueError, match="data.holdout"):
+        TrainConfig.from_dict({"data": {"roots": ["x"], "holdout": 1.5}})

@@ -167,3 +167,14 @@ def test_a_hub_id_fails_at_once_without_the_network(no_network, loader):
     with pytest.raises((FileNotFoundError, ValueError)):
         _loaders()[loader]("MahmoodLab/not-a-local-folder")
     assert time.perf_counter() - start < 5
+
+
+def test_a_component_folder_linking_outside_is_refused(ldm_dir, tmp_path):  # noqa: F811
+    from genpath.pipelines import EmbeddingToImagePipeline
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(ldm_dir, folder)
+    shutil.move(folder / "unet", tmp_path / "unet_elsewhere")
+    (folder / "unet").symlink_to(tmp_path / "unet_elsewhere")
+    with pytest.raises(ValueError, match=r"\['unet'\] linking outside"):
+        EmbeddingToImagePipeline.from_pretrained(folder)

@@ -128,3 +128,10 @@ def test_batch_resumes_and_a_failing_processor_fails_only_its_row(tmp_path, slid
 
     row = run_slide_job(jobs[0], build_fails, options, key="k")
     assert row["status"] == "failed" and "weights missing" in row["error"]
+
+
+def test_one_slide_listed_twice_with_two_mpps_is_refused(tmp_path, slide_path):
+    listing = tmp_path / "slides.csv"
+    listing.write_text(f"slide,mpp\n{slide_path.name},0.5\n{slide_path.name},0.25\n")
+    with pytest.raises(ValueError, match="one mpp per slide"):
+        expand_slides([listing], tmp_path / "out", "tiff")
