@@ -37,7 +37,7 @@ MANIFEST_FIELDS = (
 _NORMALIZERS: dict[str, StainNormalizer] = {}
 
 
-def _file_digest(path: str | Path) -> str:
+def file_digest(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -61,8 +61,8 @@ def config_hash(config: NormalizeConfig) -> str:
     relevant = {
         "method": config.method,
         "options": config.options,
-        "targets": [_file_digest(p) for p, _ in target_files(config.target)] if config.target else [],
-        "state": _file_digest(config.state) if config.state else None,
+        "targets": [file_digest(p) for p, _ in target_files(config.target)] if config.target else [],
+        "state": file_digest(config.state) if config.state else None,
         "slide": {k: v for k, v in config.slide_options().to_dict().items() if k != "batch_size"},
         "mpp": config.mpp,
         "version": __version__,

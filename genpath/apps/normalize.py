@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +26,7 @@ from genpath.utils.logging import get_logger
 from genpath.utils.paths import require_output_folder
 from genpath.utils.runs import check_run_settings, previous_manifest_outputs
 from genpath.wsi import inputs_hold_slides
-from normalization.batch import config_hash, normalizer_for, run_batch, target_files
+from normalization.batch import config_hash, file_digest, normalizer_for, run_batch, target_files
 from normalization.config import NormalizeConfig, load_or_fit_normalizer
 from normalization.tiles import normalize_tiles, refuse_output_collisions
 
@@ -111,16 +110,9 @@ def tile_settings(config: NormalizeConfig) -> dict[str, Any]:
     """Fingerprint of what decides tile outputs: method, options, target/state file contents, format, version."""
     from genpath import __version__
 
-    def digest(path: str | Path) -> str:
-        sha = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                sha.update(block)
-        return sha.hexdigest()[:16]
-
-    targets = [digest(p) for p, _ in target_files(config.target)] if config.target and not config.state else []
+    targets = [file_digest(p) for p, _ in target_files(config.target)] if config.target and not config.state else []
     return {"method": None if config.state else config.method, "options": config.options, "targets": targets,
-            "state": digest(config.state) if config.state and Path(config.state).is_file() else None,
+            "state": file_digest(config.state) if config.state and Path(config.state).is_file() else None,
             "format": config.output_format or "png", "version": __version__}
 
 
