@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from typing import Any
 import torch
 
 from genpath.io.images import expand_inputs, plan_outputs, read_image, write_image
-from genpath.utils.atomic import PeriodicJsonWriter
+from genpath.utils.atomic import PeriodicJsonWriter, temporary_in_use
 from genpath.utils.logging import get_logger
 from normalization.base import StainNormalizer
 
@@ -183,23 +181,6 @@ def refuse_output_collisions(plan: Plan, shown: int = 3) -> list[tuple[Path, Pat
     return unique
 
 
-def _written_now(entry: os.DirEntry, now: float, min_age: float) -> bool:
-    """Whether a hidden temporary may belong to a run still writing (its pid is alive, or it is fresh)."""
-    match = re.search(r"\.(\d+)-[^.]*\.[^.]+$", entry.name)
-    if match:
-        pid = int(match.group(1))
-        if pid == os.getpid():
-            return False
-        try:
-            os.kill(pid, 0)
-        except (ProcessLookupError, ValueError, OverflowError):
-            return False
-        except PermissionError:
-            return True
-        return True
-    return now - entry.stat(follow_symlinks=False).st_mtime < min_age
-
-
 def remove_stale_temporaries(out: Path, plan: Plan, extra: Iterable[str] = ("manifest.json",),
                              min_age: float = 120.0) -> list[Path]:
     """Delete the hidden temporary siblings (``.<name>.<random><suffix>``) a killed run left beside this run's outputs.
@@ -221,10 +202,9 @@ def remove_stale_temporaries(out: Path, plan: Plan, extra: Iterable[str] = ("man
     for folder, wanted in names.items():
         if not folder.is_dir():
             continue
-        now = time.time()
         with os.scandir(folder) as entries:
             hidden = [e for e in entries if e.name.startswith(".") and e.is_file(follow_symlinks=False)
-                      and not _written_now(e, now, min_age)]
+                      and not temporary_in_use(e.path, min_age)]
         for entry in hidden:
             body = entry.name[1:]
             dots = [i for i, c in enumerate(body) if c == "."]

@@ -19,13 +19,16 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "temporary_in_use",
     "PeriodicJsonWriter",
     "atomic_directory",
     "atomic_path",
@@ -65,6 +68,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+#: ``.<name>.<pid>-<random><suffix>``: the name :func:`atomic_path` gives its temporary file.
+_TEMPORARY_PID = re.compile(r"\.(\d+)-[^.]*\.[^.]+$")
+
+
+def temporary_in_use(path: str | Path, min_age: float = 120.0) -> bool:
+    """Whether a hidden temporary file may still be being written (by a live process, or recently).
+
+    A name carrying the pid of a live process other than this one is in use; a name from another
+    writer (no pid) counts as in use while younger than ``min_age`` seconds. Everything else is a
+    leftover of a killed run, safe to delete.
+    """
+    path = Path(path)
+    match = _TEMPORARY_PID.search(path.name)
+    if match is None:
+        return time.time() - path.lstat().st_mtime < min_age
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, ValueError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
