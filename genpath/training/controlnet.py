@@ -16,13 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from genpath.training.configs import TrainConfig
+from genpath.training.draws import StepDraws
 from genpath.training.loop import train_loop
-
-
-def _dihedral(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    k, flip = int(torch.randint(0, 4, ()).item()), bool(torch.rand(()) < 0.5)
-    out = [torch.rot90(x, k, (-2, -1)) for x in tensors]
-    return [x.flip(-1) for x in out] if flip else out
+from genpath.training.task import TrainingTask
 
 
 def train_controlnet(config: TrainConfig) -> Path:
@@ -62,21 +58,23 @@ def train_controlnet(config: TrainConfig) -> Path:
     preview = [torch.stack(x) for x in zip(*(dataset[i * dataset.crops] for i in range(min(4, len(dataset.entries)))),
                                            strict=True)]
 
-    def loss_fn(model: torch.nn.Module, batch: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        images, inst, types = _dihedral(list(batch))
+    def loss_fn(task: TrainingTask, batch: list[torch.Tensor], draws: StepDraws) -> dict[str, torch.Tensor]:
+        images, inst, types = draws.dihedral(list(batch))
+        frozen, dtype = task.frozen, task.frozen_dtype
         with torch.no_grad():
             x = images.float() / 255
-            latents = encode_tiled(vae, x)
-            drop = torch.rand(x.shape[0]) < dropout
-            tokens = projector(encoder(x), drop)
+            latents = encode_tiled(frozen["vae"], x.to(dtype)).float()
+            drop = draws.uniform(device=x.device, stream="cond_dropout") < dropout
+            tokens = frozen["projector"](frozen["encoder"](x).to(dtype), drop)
             cond = masks_to_conditioning(inst, types if num_types else None, num_types)
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+        noise = draws.normal(tuple(latents.shape[1:]), latents.device)
+        t = draws.integers(noise_scheduler.config.num_train_timesteps, device=latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        down, mid = model(noisy, t, encoder_hidden_states=tokens, controlnet_cond=cond, return_dict=False)
-        pred = unet(noisy, t, encoder_hidden_states=tokens, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid).sample
-        return {"loss": F.mse_loss(pred, noise)}
+        down, mid = task.model(noisy, t, encoder_hidden_states=tokens, controlnet_cond=cond, return_dict=False)
+        pred = frozen["unet"](noisy.to(dtype), t, encoder_hidden_states=tokens,
+                              down_block_additional_residuals=[d.to(dtype) for d in down],
+                              mid_block_additional_residual=mid.to(dtype)).sample
+        return {"loss": F.mse_loss(pred.float(), noise)}
 
     def pipeline_from(net: ControlNetModel) -> MaskToImagePipeline:
         pipe = MaskToImagePipeline(vae=vae, unet=unet, projector=projector, controlnet=net, scheduler=base.scheduler,
@@ -85,15 +83,17 @@ def train_controlnet(config: TrainConfig) -> Path:
         return pipe
 
     def sample_fn(net: torch.nn.Module, path: Path) -> None:
-        images, inst, types = preview
+        images, inst, types = (t.to(net.device) for t in preview)
         x = images.float() / 255
         out = pipeline_from(net)(inst, types if num_types else None, embeddings=encoder(x), num_inference_steps=20,
                                  generator=torch.Generator().manual_seed(0)).images
         fg = (inst > 0).float()[:, None].expand(-1, 3, -1, -1)
-        save_grid(torch.cat([x, fg, out]), path, columns=len(x))
+        save_grid(torch.cat([x, fg, out]).float().cpu(), path, columns=len(x))
 
-    final = train_loop(config.train, controlnet, dataset, loss_fn, sample_fn)
-    out = Path(config.train.output_dir) / "pipeline"
-    pipeline_from(ControlNetModel.from_pretrained(final)).save_pretrained(str(out))
-    copy_encoder_reference(options["pipeline"], out)
-    return out
+    def export(net: torch.nn.Module, folder: Path) -> None:
+        pipeline_from(net).to("cpu").save_pretrained(str(folder))
+        copy_encoder_reference(options["pipeline"], folder)
+
+    task = TrainingTask(controlnet, loss_fn, frozen={"vae": vae, "unet": unet, "projector": projector,
+                                                     "encoder": encoder})
+    return train_loop(config.train, task, dataset, sample_fn, export, export_folder="pipeline", run_config=config)

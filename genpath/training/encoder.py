@@ -15,7 +15,9 @@ from torch import nn
 
 from genpath.encoders.small_cnn import SmallHistologyEncoder
 from genpath.training.configs import TrainConfig
+from genpath.training.draws import StepDraws
 from genpath.training.loop import train_loop
+from genpath.training.task import TrainingTask
 
 
 def make_views(batch: torch.Tensor, size: int, strength: float = 1.0) -> torch.Tensor:
@@ -59,9 +61,26 @@ def train_encoder(config: TrainConfig) -> Path:
     mean = torch.tensor(model.config.mean).view(1, 3, 1, 1)
     std = torch.tensor(model.config.std).view(1, 3, 1, 1)
 
-    def loss_fn(encoder: nn.Module, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    def loss_fn(task: TrainingTask, batch: torch.Tensor, draws: StepDraws) -> dict[str, torch.Tensor]:
         views = make_views(batch.cpu(), size).to(batch.device)
-        z = head(encoder((views - mean.to(views)) / std.to(views)))
-        return {"loss": nt_xent(z, temperature)}
+        z = task.extras["head"](task.model((views - mean.to(views)) / std.to(views)))
+        return {"loss": nt_xent(gather_views(z), temperature)}
 
-    return train_loop(config.train, model, config.data.dataset(config.train.seed), loss_fn, extra_modules=[head])
+    task = TrainingTask(model, loss_fn, extras={"head": head})
+    return train_loop(config.train, task, config.data.dataset(config.train.seed), run_config=config)
+
+
+def gather_views(z: torch.Tensor) -> torch.Tensor:
+    """All processes' projections ``(2B,D)`` → ``(2·W·B,D)`` with gradients, views kept in two halves.
+
+    NT-Xent then sees every process's tiles as negatives, as one process with the whole batch
+    would; ``all_gather``'s backward sends each process the gradient of its own rows.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    from torch.distributed.nn.functional import all_gather
+
+    first, second = z.chunk(2)
+    return torch.cat([torch.cat(all_gather(first)), torch.cat(all_gather(second))])

@@ -24,21 +24,10 @@ import torch
 from torch.utils.data import Dataset
 
 from genpath.training.configs import TrainConfig
+from genpath.training.draws import StepDraws
 from genpath.training.loop import train_loop
+from genpath.training.task import TrainingTask
 from genpath.utils.atomic import atomic_directory
-
-
-class IndexedTiles(Dataset):
-    """``(index, tile)`` pairs, so a batch can look up its cached clean embeddings."""
-
-    def __init__(self, tiles: Dataset) -> None:
-        self.tiles = tiles
-
-    def __len__(self) -> int:
-        return len(self.tiles)
-
-    def __getitem__(self, item: int) -> tuple[int, torch.Tensor]:
-        return item, self.tiles[item]
 
 
 def cache_clean_embeddings(encoder: torch.nn.Module, dataset: Dataset, path: str | Path, key: str,
@@ -98,22 +87,40 @@ def train_histaug(config: TrainConfig) -> Path:
     model = HistAugModel(embed_dim=encoder.embed_dim, **config.model, **sampler_cfg)
     tiles = config.data.dataset(config.train.seed)
     out = Path(config.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    spec = {"encoder": options["encoder"], "kwargs": options.get("encoder_kwargs", {}), "n": len(tiles),
-            "data": [config.data.roots, config.data.zarr, config.data.size, config.data.holdout, config.train.seed]}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    clean = cache_clean_embeddings(encoder, tiles, out / "clean_embeddings.zarr", key)
+    first = tiles[0]
+    if isinstance(first, torch.Tensor):  # tiles only: embed every clean tile once (cached)
+        spec = {"encoder": options["encoder"], "kwargs": options.get("encoder_kwargs", {}), "n": len(tiles),
+                "data": [config.data.roots, config.data.zarr, config.data.size, config.data.holdout,
+                         config.train.seed]}
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        from accelerate import PartialState
+
+        with PartialState().main_process_first():  # the main process writes the cache, the others read it
+            if PartialState().is_main_process:
+                out.mkdir(parents=True, exist_ok=True)
+            clean = cache_clean_embeddings(encoder, tiles, out / "clean_embeddings.zarr", key)
+    else:  # (tile, embedding) items: the dataset's precomputed embeddings (``genpath embed``)
+        clean = torch.stack([torch.as_tensor(tiles[i][1]) for i in range(len(tiles))]).float()
+        if clean.shape[1] != encoder.embed_dim:
+            raise ValueError(f"data.embeddings: expected {encoder.embed_dim}-dimensional embeddings of "
+                             f"{options['encoder']}, got {clean.shape[1]}")
     model.fit_statistics(clean)  # a resumed run restores the same buffers from its checkpoint
     cosine_weight = float(options.get("cosine_weight", 1.0))
 
-    def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        index, images = batch
-        params = m.sample_params(len(index), mode="patch")
+    def loss_fn(task: TrainingTask, batch: torch.Tensor | list[torch.Tensor], draws: StepDraws
+                ) -> dict[str, torch.Tensor]:
+        m = task.model
+        images = batch if isinstance(batch, torch.Tensor) else batch[0]
+        # the transform sampler uses the global RNG, which the loop seeds per process and step
+        params = m.sample_params(len(images), mode="patch")
         with torch.no_grad():
-            target = encoder(apply_augmentation_params(images.float() / 255, params)).float()
-        pred = m(clean[index.cpu()].to(target.device), params)
+            target = task.frozen["encoder"](apply_augmentation_params(images.float() / 255, params)).float()
+        pred = m(clean[draws.ids.cpu()].to(target.device), params)
         return histaug_loss(pred, target, m.embed_std, cosine_weight)
 
-    final = train_loop(config.train, model, IndexedTiles(tiles), loss_fn)
-    save_encoder_reference(final, options["encoder"], options.get("encoder_kwargs", {}))
-    return final
+    def export(model: torch.nn.Module, folder: Path) -> None:
+        model.save_pretrained(str(folder))
+        save_encoder_reference(folder, options["encoder"], options.get("encoder_kwargs", {}))
+
+    task = TrainingTask(model, loss_fn, frozen={"encoder": encoder})
+    return train_loop(config.train, task, tiles, export_fn=export, run_config=config)

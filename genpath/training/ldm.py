@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from genpath.encoders.reference import save_encoder_reference  # noqa: F401 - re-exported
 from genpath.training.configs import TrainConfig
+from genpath.training.draws import StepDraws
 from genpath.training.loop import train_loop
+from genpath.training.task import TrainingTask
 
 SMALL_UNET: dict[str, Any] = {
     "in_channels": 4,
@@ -65,22 +67,28 @@ def train_ldm(config: TrainConfig) -> Path:
                                     beta_start=0.00085, beta_end=0.012)
     dropout = float(options.get("cond_dropout", 0.1))
     dataset = config.data.dataset(config.train.seed)
-    preview = torch.stack([dataset[i] for i in range(min(4, len(dataset)))])
+    items = [dataset[i] for i in range(min(4, len(dataset)))]
+    preview = torch.stack([i if isinstance(i, torch.Tensor) else i[0] for i in items])
+    preview_embeddings = None if isinstance(items[0], torch.Tensor) else torch.stack([i[1] for i in items]).float()
+    if preview_embeddings is not None and preview_embeddings.shape[1] != encoder.embed_dim:
+        raise ValueError(f"data.embeddings: expected {encoder.embed_dim}-dimensional embeddings of "
+                         f"{options['encoder']}, got {preview_embeddings.shape[1]}")
 
-    def loss_fn(model: torch.nn.Module, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    def loss_fn(task: TrainingTask, batch: torch.Tensor | list[torch.Tensor], draws: StepDraws
+                ) -> dict[str, torch.Tensor]:
+        tiles, precomputed = (batch, None) if isinstance(batch, torch.Tensor) else batch
+        frozen = task.frozen
         with torch.no_grad():
-            x = batch.float() / 255
-            if torch.rand(()) < 0.5:
-                x = x.flip(-1)
-            latents = encode_tiled(vae, x)
-            embeddings = encoder(x)
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+            x = batch_flip(tiles.float() / 255, draws)
+            latents = encode_tiled(frozen["vae"], x.to(task.frozen_dtype)).float()
+            embeddings = (precomputed if precomputed is not None else frozen["encoder"](x)).float()
+        noise = draws.normal(tuple(latents.shape[1:]), latents.device)
+        t = draws.integers(noise_scheduler.config.num_train_timesteps, device=latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        drop = torch.rand(latents.shape[0], device=latents.device) < dropout
-        tokens = projector(embeddings, drop)
-        pred = model(noisy, t, encoder_hidden_states=tokens).sample
-        return {"loss": F.mse_loss(pred, noise)}
+        drop = draws.uniform(device=latents.device, stream="cond_dropout") < dropout
+        tokens = task.extras["projector"](embeddings, drop)
+        pred = task.model(noisy, t, encoder_hidden_states=tokens).sample
+        return {"loss": F.mse_loss(pred.float(), noise)}
 
     def pipeline_from(unet_model: torch.nn.Module) -> EmbeddingToImagePipeline:
         return EmbeddingToImagePipeline(vae=vae, unet=unet_model, projector=projector,
@@ -89,13 +97,22 @@ def train_ldm(config: TrainConfig) -> Path:
     def sample_fn(unet_model: torch.nn.Module, path: Path) -> None:
         pipe = pipeline_from(unet_model)
         pipe.set_progress_bar_config(disable=True)
-        images = pipe(encoder(preview), num_inference_steps=20, guidance_scale=2.0,
+        device = unet_model.device
+        tiles = preview.to(device)
+        conditions = encoder(tiles).float() if preview_embeddings is None else preview_embeddings.to(device)
+        images = pipe(conditions, num_inference_steps=20, guidance_scale=2.0,
                       generator=torch.Generator().manual_seed(0)).images
-        save_grid(torch.cat([preview.float() / 255, images]), path, columns=len(preview))
+        save_grid(torch.cat([tiles.float().cpu() / 255, images.cpu()]), path, columns=len(preview))
 
-    final = train_loop(config.train, unet, dataset, loss_fn, sample_fn, extra_modules=[projector])
-    trained = UNet2DConditionModel.from_pretrained(final)
-    out = Path(config.train.output_dir) / "pipeline"
-    pipeline_from(trained).save_pretrained(str(out))
-    save_encoder_reference(out, options["encoder"], options.get("encoder_kwargs", {}))
-    return out
+    def export(unet_model: torch.nn.Module, folder: Path) -> None:
+        pipeline_from(unet_model).to("cpu").save_pretrained(str(folder))
+        save_encoder_reference(folder, options["encoder"], options.get("encoder_kwargs", {}))
+
+    task = TrainingTask(unet, loss_fn, extras={"projector": projector}, frozen={"vae": vae, "encoder": encoder})
+    return train_loop(config.train, task, dataset, sample_fn, export, export_folder="pipeline", run_config=config)
+
+
+def batch_flip(x: torch.Tensor, draws: StepDraws) -> torch.Tensor:
+    """Flip horizontally half of the samples (drawn per sample)."""
+    flip = (draws.uniform(stream="hflip") < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flip, x.flip(-1), x)

@@ -1,48 +1,86 @@
-"""A small resumable training loop on accelerate, shared by the encoder and VAE trainers.
+"""The resumable accelerate training loop every trainer shares: one process or many (DDP), CPU or GPU.
 
-Layout of ``output_dir``:
+Launch a trainer on N processes with ``accelerate launch $(which genpath) train KIND --config C``
+or ``torchrun --nproc_per_node N $(which genpath) train KIND --config C``. What the loop does:
 
-* ``checkpoints/step-000100/``: ``accelerator.save_state`` (model, optimizer, RNG) + ``model/``
-  (``save_pretrained``); the newest is resumed from automatically;
-* ``model/``: the final ``save_pretrained`` folder;
-* ``log.jsonl``: one line per logged step (losses, seconds); ``samples/``: PNG grids.
+* prepares one :class:`~genpath.training.task.TrainingTask` (trained model + extras) and the
+  optimizer; frozen modules go to the device in the weight dtype of ``mixed_precision``;
+* draws the data from one seeded sample stream (:mod:`genpath.training.sampler`) and every
+  random number per sample (:mod:`genpath.training.draws`): N processes with batch ``b`` follow
+  the loss curve of one process with batch ``N·b``;
+* gradient accumulation, clipping (``max_grad_norm``), a learning-rate schedule with warm-up
+  (``diffusers.optimization.get_scheduler``), EMA weights (``diffusers.training_utils.EMAModel``,
+  exported when ``ema`` is on), gradient checkpointing where the model supports it;
+* the main process alone logs (``log.jsonl``: step, losses averaged over processes, learning
+  rate, samples/s; a progress bar with ETA on a terminal; accelerate trackers via ``log_with``),
+  draws sample grids and saves, the others wait.
+
+Layout of ``output_dir``: ``checkpoints/step-NNNNNN/`` (:mod:`genpath.training.checkpoints`; the
+newest is resumed from automatically), ``model/`` (final ``save_pretrained``), ``log.jsonl``,
+``samples/`` (PNG grids).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
+import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from genpath.utils.atomic import atomic_directory
+from genpath.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from genpath.training.draws import StepDraws, sample_seed
+from genpath.training.sampler import IndexedDataset, RankBatchSampler
+from genpath.training.task import TrainingTask
+from genpath.utils.logging import get_logger
+
+__all__ = ["LoopSettings", "latest_checkpoint", "train_loop"]
+
+logger = get_logger(__name__)
+
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
 @dataclass
 class LoopSettings:
-    """What every trainer shares (the ``train`` block of a run config)."""
+    """What every trainer shares (the ``train`` block of a run config).
+
+    ``batch_size`` is per process and micro-batch: one optimizer step sees
+    ``batch_size × processes × gradient_accumulation_steps`` samples.
+    """
 
     output_dir: str = "out/train"
     max_steps: int = 1000
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float | None = None
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 10
     sample_every: int = 200
     num_workers: int = 0
     mixed_precision: str = "no"
+    log_with: list[str] = field(default_factory=list)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "checkpoint_every", "log_every", "sample_every"):
+        for name in ("max_steps", "batch_size", "checkpoint_every", "log_every", "sample_every",
+                     "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
@@ -51,94 +89,260 @@ class LoopSettings:
             raise ValueError(f"learning_rate: expected a finite positive number, got {self.learning_rate}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay: expected a finite number >= 0, got {self.weight_decay}")
-        if self.keep_checkpoints < 1 or self.num_workers < 0:
-            raise ValueError(f"keep_checkpoints / num_workers: expected >= 1 / >= 0, got {self.keep_checkpoints} / "
-                             f"{self.num_workers}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm: expected a finite number > 0 (or null: no clipping), "
+                             f"got {self.max_grad_norm}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay: expected a number in [0, 1), got {self.ema_decay}")
+        if self.keep_checkpoints < 1 or self.num_workers < 0 or self.lr_warmup_steps < 0:
+            raise ValueError(f"keep_checkpoints / num_workers / lr_warmup_steps: expected >= 1 / >= 0 / >= 0, got "
+                             f"{self.keep_checkpoints} / {self.num_workers} / {self.lr_warmup_steps}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision: expected no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.lr_scheduler not in SCHEDULES:
+            raise ValueError(f"lr_scheduler: expected one of {list(SCHEDULES)}, got {self.lr_scheduler!r}")
+        unknown = sorted(set(self.log_with) - set(TRACKERS))
+        if unknown:
+            raise ValueError(f"log_with: expected trackers among {list(TRACKERS)}, got {unknown}")
 
 
-def _forever(loader: DataLoader) -> Iterator:
-    while True:
-        yield from loader
+def _accelerator(settings: LoopSettings, find_unused: bool):  # noqa: ANN202 - accelerate.Accelerator
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, is_tensorboard_available
+
+    if settings.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("mixed_precision: expected bf16 or no on a machine without CUDA, got 'fp16'")
+    if "tensorboard" in settings.log_with and not is_tensorboard_available():
+        raise ValueError("log_with: expected the tensorboard package for 'tensorboard' "
+                         "(pip install 'genpath[tracking]'), got it missing")
+    return Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available(),
+                       gradient_accumulation_steps=settings.gradient_accumulation_steps,
+                       log_with=list(settings.log_with) or None, project_dir=settings.output_dir,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """Return the newest ``checkpoints/step-*`` folder, or None."""
-    folders = sorted(p for p in (Path(output_dir) / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
-    return folders[-1] if folders else None
+def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a run config into ``{"train.batch_size": 8}`` scalars (what trackers record)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config if isinstance(config, int | float | str | bool) else str(config)}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def _move_frozen(task: TrainingTask, device: torch.device, dtype: torch.dtype) -> dict[str, dict]:
+    """Move frozen modules to ``device``/``dtype``; returns their original tensors when the dtype changes."""
+    originals = {}
+    for name, module in task.frozen.items():
+        if dtype != torch.float32:
+            originals[name] = dict(module.state_dict())
+        module.to(device=device, dtype=dtype)
+    return originals
+
+
+def _restore_frozen(task: TrainingTask, originals: dict[str, dict]) -> None:
+    for name, state in originals.items():
+        module = task.frozen[name].to(dtype=torch.float32)
+        module.load_state_dict(state)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written by a run that stopped before its next checkpoint)."""
+    if not path.is_file():
+        return
+    from genpath.utils.atomic import atomic_write_text
+
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def train_loop(
     settings: LoopSettings,
-    model: torch.nn.Module,
+    task: TrainingTask,
     dataset: Dataset,
-    loss_fn: Callable[[torch.nn.Module, torch.Tensor, int], dict[str, torch.Tensor]],
     sample_fn: Callable[[torch.nn.Module, Path], None] | None = None,
-    extra_modules: list[torch.nn.Module] | None = None,
+    export_fn: Callable[[torch.nn.Module, Path], None] | None = None,
+    export_folder: str = "model",
+    run_config: Any = None,
 ) -> Path:
-    """Train ``model`` (+ ``extra_modules``, e.g. a projection head) until ``max_steps``; resumable.
+    """Train ``task`` until ``settings.max_steps`` (resuming from the newest checkpoint); returns the export.
 
-    ``loss_fn(model, batch, step)`` returns a dict with a ``"loss"`` entry (others are logged).
-    Returns the final ``save_pretrained`` folder.
+    Args:
+        settings: the ``train`` block.
+        task: trained and frozen modules and the loss function.
+        dataset: items the loss function takes (collated by the default collate).
+        sample_fn: ``sample_fn(model, png_path)`` draws a preview grid (main process, EMA weights).
+        export_fn: ``export_fn(model, folder)`` writes the final result into ``output_dir/export_folder``
+            (main process, EMA weights); default: ``model.save_pretrained(folder)``.
+        export_folder: the name of that folder.
+        run_config: the whole run config, recorded by the trackers.
+
+    Returns:
+        The exported folder (the same path on every process; only the main process writes it).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import send_to_device, set_seed
 
     out = Path(settings.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = _accelerator(settings, task.find_unused_parameters)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     set_seed(settings.seed)
-    modules = [model, *(extra_modules or [])]
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if settings.gradient_checkpointing:
+        if not getattr(task.model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"train.gradient_checkpointing: expected a model that supports it, got "
+                             f"{type(task.model).__name__}")
+        task.model.enable_gradient_checkpointing()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.mixed_precision, torch.float32)
+    originals = _move_frozen(task, accelerator.device, weight_dtype)
+    params = task.trained_parameters()
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    generator = torch.Generator().manual_seed(settings.seed)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True,
-                        drop_last=len(dataset) > settings.batch_size, num_workers=settings.num_workers,
-                        generator=generator)
-    prepared = accelerator.prepare(*modules, optimizer, loader)
-    modules, optimizer, loader = list(prepared[: len(modules)]), prepared[-2], prepared[-1]
-    step = 0
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps,
+                              num_training_steps=settings.max_steps)
+    ema = None
+    if settings.ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=settings.ema_decay, use_ema_warmup=settings.ema_warmup)
+    prepared, optimizer = accelerator.prepare(task.to(accelerator.device), optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+    states = {"optimizer": optimizer, "scheduler": scheduler, "ema": ema, "scaler": accelerator.scaler}
+
+    step, samples_seen = 0, 0
     resume = latest_checkpoint(out)
     if resume is not None:
-        accelerator.load_state(str(resume))
-        step = int(resume.name.split("-")[1])
-        accelerator.print(f"resumed from {resume} at step {step}")
-    batches = _forever(loader)
-    log = open(out / "log.jsonl", "a")
-    start = time.perf_counter()
+        info = load_checkpoint(resume, task, states)
+        step, samples_seen = int(info["step"]), int(info["samples_seen"])
+        if ema is not None:
+            ema.to(accelerator.device)
+        logger.info("resumed from %s at step %d (%d samples seen)", resume, step, samples_seen)
+    per_step = settings.batch_size * world * settings.gradient_accumulation_steps
+    sampler = RankBatchSampler(len(dataset), settings.batch_size, rank, world, settings.seed,
+                               start=samples_seen)  # type: ignore[arg-type]
+    batches = iter(DataLoader(IndexedDataset(dataset), batch_sampler=sampler, num_workers=settings.num_workers,
+                              persistent_workers=settings.num_workers > 0))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _trim_log(out / "log.jsonl", step)
+    if settings.log_with:
+        accelerator.init_trackers(out.name or "genpath", config=_flat(run_config if run_config is not None
+                                                                        else settings))
+    bar = _progress_bar(main, settings.max_steps, step)
+    window_start, window_samples = time.perf_counter(), 0
+    started = time.perf_counter()
     try:
         while step < settings.max_steps:
-            batch = next(batches)
-            for m in modules:
-                m.train()
-            losses = loss_fn(modules[0], batch, step)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(losses["loss"])
-            optimizer.step()
+            totals: dict[str, torch.Tensor] = {}
+            prepared.train()
+            for micro in range(settings.gradient_accumulation_steps):
+                ids, batch = next(batches)
+                batch = send_to_device(batch, accelerator.device)
+                draws = StepDraws(settings.seed, step, ids)
+                # a trainer that still uses the global RNG (kornia views) gets a per-process, per-step seed
+                torch.manual_seed(sample_seed(settings.seed, step, rank * 1_000 + micro, "global"))
+                with accelerator.accumulate(prepared):
+                    losses = prepared(batch, draws)
+                    accelerator.backward(losses["loss"])
+                    if accelerator.sync_gradients and settings.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for key, value in losses.items():
+                    totals[key] = totals.get(key, 0) + value.detach().float() / settings.gradient_accumulation_steps
+            scheduler.step()
+            if ema is not None:
+                ema.step(params)
             step += 1
+            samples_seen += per_step
+            window_samples += per_step
             if step % settings.log_every == 0 or step == settings.max_steps:
-                record = {"step": step, "seconds": round(time.perf_counter() - start, 2),
-                          **{k: float(v.detach()) for k, v in losses.items()}}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            if step % settings.checkpoint_every == 0 or step == settings.max_steps:
-                _save_checkpoint(accelerator, modules[0], out, step, settings.keep_checkpoints)
+                keys = sorted(totals)
+                means = accelerator.reduce(torch.stack([totals[k] for k in keys]), reduction="mean")
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, "seconds": round(time.perf_counter() - started, 2),
+                          **{k: float(v) for k, v in zip(keys, means, strict=True)},
+                          "lr": scheduler.get_last_lr()[0], "samples_per_s": round(window_samples / elapsed, 2)}
+                window_start, window_samples = time.perf_counter(), 0
+                if main:
+                    with open(out / "log.jsonl", "a") as log:
+                        log.write(json.dumps(record) + "\n")
+                    _report(bar, record, settings.max_steps, started, step)
+                if settings.log_with:
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            elif bar is not None:
+                bar.update(step - bar.n)
             if sample_fn and (step % settings.sample_every == 0 or step == settings.max_steps):
-                modules[0].eval()
-                with torch.no_grad():
-                    sample_fn(accelerator.unwrap_model(modules[0]), out / "samples" / f"step-{step:06d}.png")
+                if main:
+                    _with_ema(ema, params, lambda at=step: _sample(sample_fn, accelerator, task, out, at))
+                accelerator.wait_for_everyone()
+            if step % settings.checkpoint_every == 0 or step == settings.max_steps:
+                accelerator.wait_for_everyone()
+                if main:
+                    save_checkpoint(out / "checkpoints" / f"step-{step:06d}", task, states,
+                                    {"step": step, "samples_seen": samples_seen, "processes": world,
+                                     "batch_size": settings.batch_size}, settings.keep_checkpoints)
+                accelerator.wait_for_everyone()
     finally:
-        log.close()
-    final = out / "model"
-    accelerator.unwrap_model(modules[0]).save_pretrained(str(final))
+        if bar is not None:
+            bar.close()
+    accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(params)  # the exported weights are the EMA weights
+    _restore_frozen(task, originals)
+    final = out / export_folder
+    if main:
+        (export_fn or _save_model)(accelerator.unwrap_model(prepared).model, final)
+    accelerator.wait_for_everyone()
+    if settings.log_with:
+        accelerator.end_training()
     return final
 
 
-def _save_checkpoint(accelerator, model: torch.nn.Module, out: Path, step: int, keep: int) -> None:  # noqa: ANN001
-    folder = out / "checkpoints" / f"step-{step:06d}"
-    with atomic_directory(folder) as tmp:  # a checkpoint folder exists only once complete
-        accelerator.save_state(str(tmp))
-        accelerator.unwrap_model(model).save_pretrained(str(tmp / "model"))
-    for old in sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def _save_model(model: torch.nn.Module, folder: Path) -> None:
+    model.save_pretrained(str(folder))
+
+
+def _with_ema(ema: Any, params: list[torch.nn.Parameter], run: Callable[[], None]) -> None:
+    if ema is None:
+        run()
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        run()
+    finally:
+        ema.restore(params)
+
+
+def _sample(sample_fn: Callable, accelerator: Any, task: TrainingTask, out: Path, step: int) -> None:
+    model = task.model
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        sample_fn(model, out / "samples" / f"step-{step:06d}.png")
+    model.train(was_training)
+
+
+def _progress_bar(main: bool, total: int, initial: int):  # noqa: ANN202 - tqdm or None
+    if not main or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _report(bar: Any, record: dict[str, Any], total: int, started: float, step: int) -> None:
+    """Progress on a terminal (bar) or in the log (INFO line with loss, samples/s and ETA)."""
+    if bar is not None:
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{record['loss']:.4g}", samples_s=record["samples_per_s"])
+        return
+    rate = (time.perf_counter() - started) / max(step, 1)
+    logger.info("step %d/%d loss %.4g %.1f samples/s ETA %.0f s", step, total, record["loss"],
+                record["samples_per_s"], rate * (total - step))

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from genpath.training.configs import TrainConfig
+from genpath.training.draws import StepDraws
 from genpath.training.loop import train_loop
+from genpath.training.task import TrainingTask
 
 STAINFUSER_UNET: dict[str, Any] = {
     "block_out_channels": (64, 128, 128),
@@ -65,9 +67,12 @@ def real_pairs(spec: dict[str, Any] | None, size: int, batch_size: int, seed: in
     share = float(spec.pop("share", 0.5))
     if not 0.0 < share <= 1.0:
         raise ValueError(f"options.pairs.share: expected a share in (0, 1], got {share}")
+    from accelerate import PartialState
+
     dataset = PairedTileDataset(spec.pop("csv"), size, seed=seed, **spec)
+    rank = PartialState().process_index  # each process draws its own pairs
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(seed * 1_009 + rank))
 
     def forever():  # noqa: ANN202
         while True:
@@ -121,26 +126,34 @@ def train_stainfuser(config: TrainConfig) -> Path:
 
     pairs, share = real_pairs(options.get("pairs"), config.data.size, config.train.batch_size, config.train.seed)
 
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        return encode_tiled(vae, x)
+    def loss_fn(task: TrainingTask, batch: torch.Tensor, draws: StepDraws) -> dict[str, torch.Tensor]:
+        # the simulator pairs tiles within the batch, so its draws use the global RNG, which the
+        # loop seeds per process and step; noise and timesteps are drawn per sample
+        step = draws.step
 
-    def loss_fn(model: torch.nn.Module, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            return encode_tiled(task.frozen["vae"], x.to(task.frozen_dtype)).float()
+
         with torch.no_grad():
             if pairs is not None and int((step + 1) * share) > int(step * share):  # evenly spread, resumable
                 same = _SameDihedral()
                 same.draw()
-                src, tgt, ref = (same(x.float() / 255) for x in next(pairs))
+                src, tgt, ref = (same(x.to(batch.device).float() / 255) for x in next(pairs))
                 triplet = RestainTriplet(source=src, reference=ref, target=tgt)
             else:
                 triplet = simulator(random_dihedral(batch.float() / 255))
             source, target = encode(triplet.source), encode(triplet.target)
             cells = latent_cells(encode(triplet.reference), tissue_weights(triplet.reference, f))
-        tokens = tokenizer(*cells)
-        noise = torch.randn_like(target)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (target.shape[0],), device=target.device)
+        tokens = task.extras["tokenizer"](*cells)
+        if len(target) == len(draws):
+            noise = draws.normal(tuple(target.shape[1:]), target.device)
+            t = draws.integers(noise_scheduler.config.num_train_timesteps, device=target.device)
+        else:  # a batch of real pairs (its own size)
+            noise = torch.randn_like(target)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(target),), device=target.device)
         noisy = noise_scheduler.add_noise(target, noise, t)
-        pred = model(torch.cat([noisy, source], 1), t, encoder_hidden_states=tokens).sample
-        return {"loss": F.mse_loss(pred, target)}
+        pred = task.model(torch.cat([noisy, source], 1), t, encoder_hidden_states=tokens).sample
+        return {"loss": F.mse_loss(pred.float(), target)}
 
     def pipeline_from(unet_model: torch.nn.Module) -> StainTransferPipeline:
         return StainTransferPipeline(vae=vae, unet=unet_model, style_tokenizer=tokenizer, scheduler=sampler)
@@ -148,15 +161,17 @@ def train_stainfuser(config: TrainConfig) -> Path:
     def sample_fn(unet_model: torch.nn.Module, path: Path) -> None:
         pipe = pipeline_from(unet_model)
         pipe.set_progress_bar_config(disable=True)
+        device = unet_model.device
         rows = [preview.source, preview.reference, preview.target]
         for i in range(len(preview.source)):
-            tokens = pipe.encode_style(preview.reference[i : i + 1])
-            rows.append(pipe(preview.source[i : i + 1], style_tokens=tokens, num_inference_steps=4).images)
+            tokens = pipe.encode_style(preview.reference[i : i + 1].to(device))
+            rows.append(pipe(preview.source[i : i + 1].to(device), style_tokens=tokens,
+                             num_inference_steps=4).images.float().cpu())
         grid = torch.cat(rows[:3] + [torch.cat(rows[3:])])
         save_grid(grid, path, columns=len(preview.source))
 
-    final = train_loop(config.train, unet, dataset, loss_fn, sample_fn, extra_modules=[tokenizer])
-    trained = UNet2DConditionModel.from_pretrained(final)
-    out = Path(config.train.output_dir) / "pipeline"
-    pipeline_from(trained).save_pretrained(str(out))
-    return out
+    def export(unet_model: torch.nn.Module, folder: Path) -> None:
+        pipeline_from(unet_model).to("cpu").save_pretrained(str(folder))
+
+    task = TrainingTask(unet, loss_fn, extras={"tokenizer": tokenizer}, frozen={"vae": vae})
+    return train_loop(config.train, task, dataset, sample_fn, export, export_folder="pipeline", run_config=config)

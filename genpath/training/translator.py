@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from genpath.training.configs import TrainConfig
+from genpath.training.draws import StepDraws
 from genpath.training.loop import train_loop
+from genpath.training.task import TrainingTask
 
 TRANSLATION_UNET: dict[str, Any] = {
     "block_out_channels": (32, 64, 64),
@@ -89,7 +91,10 @@ def _train_gan(config: TrainConfig) -> Path:
     preview_he, preview_ihc = _preview(dataset)
     max_steps = config.train.max_steps
 
-    def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    def loss_fn(task: TrainingTask, batch: tuple[torch.Tensor, torch.Tensor], draws: StepDraws
+                ) -> dict[str, torch.Tensor]:
+        model, critic, sampler = task.model, task.extras["critic"], task.extras["sampler"]
+        step = draws.step
         he, ihc = (x.float() / 255 for x in batch)
         fake = model(he)
         # critic (simultaneous update; sees a detached output)
@@ -114,12 +119,14 @@ def _train_gan(config: TrainConfig) -> Path:
                 "asp": asp.detach(), "pyramid": pyramid.detach()}
 
     def sample_fn(model: torch.nn.Module, path: Path) -> None:
-        save_grid(torch.cat([preview_he, preview_ihc, model(preview_he)]), path, columns=len(preview_he))
+        fake = model(preview_he.to(model.device)).float().cpu()
+        save_grid(torch.cat([preview_he, preview_ihc, fake]), path, columns=len(preview_he))
 
-    final = train_loop(config.train, generator, dataset, loss_fn, sample_fn, extra_modules=[critic, sampler])
-    out = Path(config.train.output_dir) / "pipeline"
-    GeneratorTranslationPipeline(translator=ResnetTranslator.from_pretrained(final)).save_pretrained(str(out))
-    return out
+    def export(model: torch.nn.Module, folder: Path) -> None:
+        GeneratorTranslationPipeline(translator=model).to("cpu").save_pretrained(str(folder))
+
+    task = TrainingTask(generator, loss_fn, extras={"critic": critic, "sampler": sampler})
+    return train_loop(config.train, task, dataset, sample_fn, export, export_folder="pipeline", run_config=config)
 
 
 def _train_diffusion(config: TrainConfig) -> Path:
@@ -128,7 +135,6 @@ def _train_diffusion(config: TrainConfig) -> Path:
     from genpath.models.vae import downsampling_factor, encode_tiled, load_vae
     from genpath.pipelines.image_translation import LatentTranslationPipeline
     from genpath.pipelines.stain_transfer import stain_transfer_scheduler
-    from genpath.training.stainfuser import _SameDihedral
     from genpath.training.vae import save_grid
 
     options = config.options
@@ -147,15 +153,15 @@ def _train_diffusion(config: TrainConfig) -> Path:
     dataset = config.data.dataset(config.train.seed)
     preview_he, preview_ihc = _preview(dataset)
 
-    def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    def loss_fn(task: TrainingTask, batch: tuple[torch.Tensor, torch.Tensor], draws: StepDraws
+                ) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            same = _SameDihedral()
-            same.draw()
-            source, target = (encode_tiled(vae, same(x.float() / 255)) for x in batch)
-        noise = torch.randn_like(target)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (target.shape[0],), device=target.device)
-        pred = model(torch.cat([noise_scheduler.add_noise(target, noise, t), source], 1), t).sample
-        return {"loss": F.mse_loss(pred, target)}
+            he, ihc = draws.dihedral([x.float() / 255 for x in batch])
+            source, target = (encode_tiled(task.frozen["vae"], x.to(task.frozen_dtype)).float() for x in (he, ihc))
+        noise = draws.normal(tuple(target.shape[1:]), target.device)
+        t = draws.integers(noise_scheduler.config.num_train_timesteps, device=target.device)
+        pred = task.model(torch.cat([noise_scheduler.add_noise(target, noise, t), source], 1), t).sample
+        return {"loss": F.mse_loss(pred.float(), target)}
 
     def pipeline_from(model: torch.nn.Module) -> LatentTranslationPipeline:
         return LatentTranslationPipeline(vae=vae, unet=model, scheduler=sampler)
@@ -163,10 +169,11 @@ def _train_diffusion(config: TrainConfig) -> Path:
     def sample_fn(model: torch.nn.Module, path: Path) -> None:
         pipe = pipeline_from(model)
         pipe.set_progress_bar_config(disable=True)
-        save_grid(torch.cat([preview_he, preview_ihc, pipe(preview_he, num_inference_steps=4).images]), path,
-                  columns=len(preview_he))
+        fake = pipe(preview_he.to(model.device), num_inference_steps=4).images.float().cpu()
+        save_grid(torch.cat([preview_he, preview_ihc, fake]), path, columns=len(preview_he))
 
-    final = train_loop(config.train, unet, dataset, loss_fn, sample_fn)
-    out = Path(config.train.output_dir) / "pipeline"
-    pipeline_from(UNet2DModel.from_pretrained(final)).save_pretrained(str(out))
-    return out
+    def export(model: torch.nn.Module, folder: Path) -> None:
+        pipeline_from(model).to("cpu").save_pretrained(str(folder))
+
+    task = TrainingTask(unet, loss_fn, frozen={"vae": vae})
+    return train_loop(config.train, task, dataset, sample_fn, export, export_folder="pipeline", run_config=config)

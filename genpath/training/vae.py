@@ -8,7 +8,9 @@ import torch
 
 from genpath.models.vae import build_vae
 from genpath.training.configs import TrainConfig
+from genpath.training.draws import StepDraws
 from genpath.training.loop import train_loop
+from genpath.training.task import TrainingTask
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> Path:
@@ -34,13 +36,12 @@ def train_vae(config: TrainConfig) -> Path:
     dataset = config.data.dataset(config.train.seed)
     preview = torch.stack([dataset[i] for i in range(min(8, len(dataset)))]).float() / 255
 
-    def loss_fn(model: torch.nn.Module, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        x = batch.float() / 255
-        flips = torch.rand(2) < 0.5  # cheap geometric augmentation, torch RNG
-        x = x.flip(-1) if flips[0] else x
-        x = x.flip(-2) if flips[1] else x
+    def loss_fn(task: TrainingTask, batch: torch.Tensor, draws: StepDraws) -> dict[str, torch.Tensor]:
+        model = task.model
+        x = draws.flip(batch.float() / 255)  # cheap geometric augmentation, drawn per sample
         posterior = model.encode(x * 2 - 1).latent_dist
-        recon = ((model.decode(posterior.sample()).sample + 1) / 2).clamp(0, 1)
+        eps = draws.normal(tuple(posterior.mean.shape[1:]), posterior.mean.device, posterior.mean.dtype)
+        recon = ((model.decode(posterior.mean + posterior.std * eps).sample + 1) / 2).clamp(0, 1)
         l1 = (recon - x).abs().mean()
         ssim = ssim_loss(recon, x, 7)
         kl = posterior.kl().mean() / x[0].numel()
@@ -51,4 +52,4 @@ def train_vae(config: TrainConfig) -> Path:
         recon = ((model.decode(model.encode(x * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
         save_grid(torch.cat([x, recon]), path)
 
-    return train_loop(config.train, vae, dataset, loss_fn, sample_fn)
+    return train_loop(config.train, TrainingTask(vae, loss_fn), dataset, sample_fn, run_config=config)

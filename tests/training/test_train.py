@@ -51,7 +51,7 @@ def test_bad_train_configs_are_named(tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_dict({"data": {"roots": ["x"]}, "extra": 1})
     with pytest.raises(ValueError, match="section"):
-        load_train_config(str(TINY), "ldm")
+        load_train_config(str(TINY), "no_such_trainer")
 
 
 def test_vae_tiled_coding_matches_untiled_and_checks_size():
