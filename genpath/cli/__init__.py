@@ -15,6 +15,7 @@ import typer
 
 from genpath import __version__
 from genpath.cli import common, normalize, synth, train, translate
+from genpath.cli import datasets as dataset_commands
 from genpath.cli import eval as eval_commands
 from genpath.utils.logging import set_verbosity
 
@@ -46,6 +47,8 @@ app.command("train", no_args_is_help=True)(train.train)
 app.command("synth", no_args_is_help=True)(synth.synth)
 app.command("synth-large", no_args_is_help=True)(synth.synth_large)
 app.add_typer(eval_commands.app, name="eval")
+app.command("tiles", no_args_is_help=True)(dataset_commands.tiles)
+app.command("embed", no_args_is_help=True)(dataset_commands.embed)
 
 
 def main() -> None:

@@ -13,6 +13,10 @@ from genpath.training.loop import LoopSettings
 class DataSettings:
     """Where tiles come from: image folders/files (``roots``) or a zarr array of tiles (``zarr``).
 
+    ``zarr`` is a ``genpath tiles`` dataset (``images``) or a :func:`~genpath.training.data.write_tile_zarr`
+    group (``tiles``); tiles larger than ``size`` are center-cropped. ``embeddings`` names precomputed
+    embeddings of that dataset (``genpath embed``): items are then ``(tile, embedding)`` pairs.
+
     ``holdout`` keeps a stable, name-hashed share of files out of training (for evaluation).
     ``masks`` lists image + nuclei-mask sources for mask-conditioned training
     (:mod:`genpath.training.mask_data`), rescaled by ``mask_scale``, without the stems in ``exclude``.
@@ -22,6 +26,7 @@ class DataSettings:
 
     roots: list[str] = field(default_factory=list)
     zarr: str | None = None
+    embeddings: str | None = None
     size: int = 96
     crops_per_image: int = 8
     holdout: float = 0.0
@@ -31,6 +36,9 @@ class DataSettings:
     pairs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.embeddings is not None and not self.zarr:
+            raise ValueError(f"data.embeddings: expected 'zarr' (the dataset holding them) too, got embeddings "
+                             f"{self.embeddings!r} without zarr")
         if not self.roots and not self.zarr and not self.masks and not self.pairs:
             raise ValueError("data: expected 'roots' (image folders), 'zarr' (a tile array), 'masks' or 'pairs', "
                              "got none")
@@ -65,7 +73,7 @@ class DataSettings:
 
             return MaskTileDataset(self.masks, self.size, self.mask_scale, self.crops_per_image, seed, self.exclude)
         if self.zarr:
-            return ZarrTileDataset(self.zarr)
+            return ZarrTileDataset(self.zarr, size=self.size, embeddings=self.embeddings)
         return TileFolderDataset(self.roots, self.size, self.crops_per_image, seed, holdout=self.holdout)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -95,33 +96,80 @@ def in_holdout(path: str | Path, fraction: float) -> bool:
 
 
 class ZarrTileDataset(Dataset):
-    """Tiles streamed from a zarr array ``(N,3,S,S)`` uint8 (chunked by tile), opened lazily per worker."""
+    """Tiles streamed from a zarr group (opened lazily per worker), optionally with precomputed embeddings.
 
-    def __init__(self, path: str | Path, array: str = "tiles") -> None:
+    Reads ``images`` (a ``genpath tiles`` dataset) or ``tiles`` (:func:`write_tile_zarr`), uint8
+    ``(N,3,S,S)`` or ``(N,S,S,3)``. A ``genpath tiles`` dataset counts only its committed rows
+    (``n_tiles``). Tiles larger than ``size`` are center-cropped to it; smaller ones are refused.
+
+    Args:
+        path: the zarr group.
+        array: the tile array; None picks ``images``, else ``tiles``.
+        size: output side (None: the stored tile size).
+        embeddings: name under ``embeddings/`` (``genpath embed``); items become
+            ``(tile uint8 (3,S,S), embedding float32 (D,))``.
+    """
+
+    def __init__(self, path: str | Path, array: str | None = None, size: int | None = None,
+                 embeddings: str | None = None) -> None:
         import zarr
 
-        self.path, self.array = str(path), array
         if not Path(path).is_dir():
             raise FileNotFoundError(f"data.zarr: expected a zarr folder of tiles, got {path} (missing)")
         try:
-            shape = zarr.open_group(self.path, mode="r")[array].shape
+            group = zarr.open_group(str(path), mode="r")
+            array = array or ("images" if "images" in group else "tiles")
+            shape = group[array].shape
         except (KeyError, OSError, ValueError) as error:
-            raise ValueError(f"data.zarr: expected a zarr group with an array '{array}', got {path} "
+            raise ValueError(f"data.zarr: expected a zarr group with an array '{array or 'images'}', got {path} "
                              f"({type(error).__name__})") from None
-        if len(shape) != 4 or shape[1] != 3:
-            raise ValueError(f"path: expected an (N,3,S,S) array '{array}', got shape {shape} in {path}")
-        self.length = int(shape[0])
+        self.path, self.array, self.embeddings = str(path), array, embeddings
+        nchw = len(shape) == 4 and shape[1] == 3 and shape[2] == shape[3]
+        if not (nchw or (len(shape) == 4 and shape[3] == 3 and shape[1] == shape[2])):
+            raise ValueError(f"data.zarr: expected an (N,3,S,S) or (N,S,S,3) array '{array}', got shape {shape} "
+                             f"in {path}")
+        self.channels_last = not nchw
+        self.tile = int(shape[2])
+        self.size = int(size) if size is not None else self.tile
+        if self.size > self.tile:
+            raise ValueError(f"data.size: expected at most the tile size {self.tile} of {path}, got {self.size}")
+        self.length = min(int(shape[0]), int(group.attrs.get("n_tiles", shape[0])))
+        if embeddings is not None:
+            stored = group["embeddings"] if "embeddings" in group else {}
+            if embeddings not in stored:
+                raise ValueError(f"data.embeddings: expected embeddings/{embeddings} in {path} (genpath embed), "
+                                 "got none")
+            found = stored[embeddings]
+            done = min(int(found.attrs.get("done", found.shape[0])), found.shape[0])
+            if done < self.length:
+                raise ValueError(f"data.embeddings: expected {self.length} rows in embeddings/{embeddings} of {path}, "
+                                 f"got {done} (finish it with genpath embed)")
         self._z = None
+        self._e = None
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, item: int) -> torch.Tensor:
+    def __getitem__(self, item: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        item = item + self.length if item < 0 else item
+        if not 0 <= item < self.length:
+            raise IndexError(f"item: expected 0..{self.length - 1}, got {item}")
         if self._z is None:
             import zarr
 
-            self._z = zarr.open_group(self.path, mode="r")[self.array]
-        return torch.from_numpy(self._z[item])
+            group = zarr.open_group(self.path, mode="r")
+            self._z = group[self.array]
+            self._e = group["embeddings"][self.embeddings] if self.embeddings else None
+        tile = torch.from_numpy(self._z[item])
+        if self.channels_last:
+            tile = tile.permute(2, 0, 1)
+        if self.size != self.tile:
+            y = x = (self.tile - self.size) // 2
+            tile = tile[:, y : y + self.size, x : x + self.size]
+        tile = tile.contiguous()
+        if self._e is None:
+            return tile
+        return tile, torch.from_numpy(np.asarray(self._e[item], np.float32))
 
 
 def write_tile_zarr(tiles: torch.Tensor, path: str | Path, array: str = "tiles") -> Path:

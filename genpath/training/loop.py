@@ -115,6 +115,11 @@ def _accelerator(settings: LoopSettings, find_unused: bool):  # noqa: ANN202 - a
     if "tensorboard" in settings.log_with and not is_tensorboard_available():
         raise ValueError("log_with: expected the tensorboard package for 'tensorboard' "
                          "(pip install 'genpath[tracking]'), got it missing")
+    from accelerate.state import AcceleratorState, GradientState
+
+    # a second run in the same Python process may use other settings (the process group stays)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available(),
                        gradient_accumulation_steps=settings.gradient_accumulation_steps,
                        log_with=list(settings.log_with) or None, project_dir=settings.output_dir,
@@ -192,7 +197,9 @@ def train_loop(
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     set_seed(settings.seed)
     if settings.gradient_checkpointing:
-        if not getattr(task.model, "supports_gradient_checkpointing", False):
+        model = task.model  # diffusers models say _supports_gradient_checkpointing, others may say it without "_"
+        if not (getattr(model, "_supports_gradient_checkpointing", False)
+                or getattr(model, "supports_gradient_checkpointing", False)):
             raise ValueError(f"train.gradient_checkpointing: expected a model that supports it, got "
                              f"{type(task.model).__name__}")
         task.model.enable_gradient_checkpointing()
@@ -255,6 +262,7 @@ def train_loop(
                     optimizer.zero_grad(set_to_none=True)
                 for key, value in losses.items():
                     totals[key] = totals.get(key, 0) + value.detach().float() / settings.gradient_accumulation_steps
+            used_lr = optimizer.param_groups[0]["lr"]  # the rate this step was taken with
             scheduler.step()
             if ema is not None:
                 ema.step(params)
@@ -267,7 +275,7 @@ def train_loop(
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "seconds": round(time.perf_counter() - started, 2),
                           **{k: float(v) for k, v in zip(keys, means, strict=True)},
-                          "lr": scheduler.get_last_lr()[0], "samples_per_s": round(window_samples / elapsed, 2)}
+                          "lr": used_lr, "samples_per_s": round(window_samples / elapsed, 2)}
                 window_start, window_samples = time.perf_counter(), 0
                 if main:
                     with open(out / "log.jsonl", "a") as log:
