@@ -22,6 +22,9 @@ from genpath.training.task import TrainingTask
 
 def make_views(batch: torch.Tensor, size: int, strength: float = 1.0) -> torch.Tensor:
     """Two stain/geometry-augmented views ``(2B,3,S,S)`` float of a uint8 batch."""
+    from genpath.utils.quiet_imports import import_kornia
+
+    import_kornia()  # kornia's import-time torch.jit.script notices stay quiet
     import kornia.augmentation as K
 
     from augment import RandomHEDJitter, RandomStainJitter
@@ -62,7 +65,8 @@ def train_encoder(config: TrainConfig) -> Path:
     std = torch.tensor(model.config.std).view(1, 3, 1, 1)
 
     def loss_fn(task: TrainingTask, batch: torch.Tensor, draws: StepDraws) -> dict[str, torch.Tensor]:
-        views = make_views(batch.cpu(), size).to(batch.device)
+        with task.full_precision(batch.device):
+            views = make_views(batch.cpu(), size).to(batch.device)
         z = task.extras["head"](task.model((views - mean.to(views)) / std.to(views)))
         return {"loss": nt_xent(gather_views(z), temperature)}
 

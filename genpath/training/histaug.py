@@ -114,7 +114,9 @@ def train_histaug(config: TrainConfig) -> Path:
         # the transform sampler uses the global RNG, which the loop seeds per process and step
         params = m.sample_params(len(images), mode="patch")
         with torch.no_grad():
-            target = task.frozen["encoder"](apply_augmentation_params(images.float() / 255, params)).float()
+            with task.full_precision(images.device):
+                augmented = apply_augmentation_params(images.float() / 255, params)
+            target = task.frozen["encoder"](augmented).float()
         pred = m(clean[draws.ids.cpu()].to(target.device), params)
         return histaug_loss(pred, target, m.embed_std, cosine_weight)
 

@@ -22,11 +22,12 @@ newest is resumed from automatically), ``model/`` (final ``save_pretrained``), `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,17 +144,31 @@ def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
 def _move_frozen(task: TrainingTask, device: torch.device, dtype: torch.dtype) -> dict[str, dict]:
     """Move frozen modules to ``device``/``dtype``; returns their original tensors when the dtype changes."""
     originals = {}
-    for name, module in task.frozen.items():
-        if dtype != torch.float32:
-            originals[name] = dict(module.state_dict())
-        module.to(device=device, dtype=dtype)
+    with _quiet_diffusers():
+        for name, module in task.frozen.items():
+            if dtype != torch.float32:
+                originals[name] = dict(module.state_dict())
+            module.to(device=device, dtype=dtype)
     return originals
 
 
 def _restore_frozen(task: TrainingTask, originals: dict[str, dict]) -> None:
-    for name, state in originals.items():
-        module = task.frozen[name].to(dtype=torch.float32)
-        module.load_state_dict(state)
+    with _quiet_diffusers():
+        for name, state in originals.items():
+            task.frozen[name].to(dtype=torch.float32).load_state_dict(state)
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' "modules that should be kept in float32: []" notice of every ``.to(dtype)``."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def _trim_log(path: Path, step: int) -> None:

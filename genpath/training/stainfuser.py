@@ -134,7 +134,7 @@ def train_stainfuser(config: TrainConfig) -> Path:
         def encode(x: torch.Tensor) -> torch.Tensor:
             return encode_tiled(task.frozen["vae"], x.to(task.frozen_dtype)).float()
 
-        with torch.no_grad():
+        with torch.no_grad(), task.full_precision(batch.device):
             if pairs is not None and int((step + 1) * share) > int(step * share):  # evenly spread, resumable
                 same = _SameDihedral()
                 same.draw()
@@ -142,6 +142,7 @@ def train_stainfuser(config: TrainConfig) -> Path:
                 triplet = RestainTriplet(source=src, reference=ref, target=tgt)
             else:
                 triplet = simulator(random_dihedral(batch.float() / 255))
+        with torch.no_grad():
             source, target = encode(triplet.source), encode(triplet.target)
             cells = latent_cells(encode(triplet.reference), tissue_weights(triplet.reference, f))
         tokens = task.extras["tokenizer"](*cells)

@@ -65,6 +65,15 @@ class TrainingTask(nn.Module):
                 return p.dtype
         return torch.float32
 
+    @staticmethod
+    def full_precision(device: torch.device | str) -> torch.autocast:
+        """Return a context without mixed-precision autocast, for data preparation (stain maths, augmentation).
+
+        The loop runs the loss function under the accelerator's autocast; colour transforms and
+        least-squares stain separation need float32 whatever the training precision.
+        """
+        return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
     def trained_parameters(self) -> list[nn.Parameter]:
         """Return the parameters the optimizer updates (those requiring gradients), in a fixed order."""
         return [p for p in self.parameters() if p.requires_grad]
