@@ -78,6 +78,16 @@ def test_two_processes_follow_one_process_with_twice_the_batch(tmp_path):
 
 
 @pytest.mark.slow
+def test_ldm_on_two_processes_follows_one_process(tmp_path):
+    """The LDM (frozen VAE and encoder, trained UNet + projector): 2 x batch 2 == 1 x batch 4."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch("ldm", one, 1, config=write_config(tmp_path, "ldm", 4, 3))
+    launch("ldm", two, 2, config=write_config(tmp_path, "ldm", 2, 3))
+    for x, y in zip(log_of(one), log_of(two), strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-6), (x, y)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["vae", "ldm"])
 def test_tiny_configs_train_on_two_processes(tmp_path, kind):
     out = tmp_path / kind
