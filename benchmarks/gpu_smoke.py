@@ -66,11 +66,10 @@ def main() -> None:  # noqa: D103
     parser.add_argument("--out", type=Path, default=Path("out/gpu_smoke"))
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     args = parser.parse_args()
-    from accelerate import PartialState
-
+    from genpath.training.loop import process_state
     from genpath.training.run import run_training
 
-    state = PartialState()
+    state = process_state()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = []

@@ -78,13 +78,32 @@ def gather_views(z: torch.Tensor) -> torch.Tensor:
     """All processes' projections ``(2B,D)`` → ``(2·W·B,D)`` with gradients, views kept in two halves.
 
     NT-Xent then sees every process's tiles as negatives, as one process with the whole batch
-    would; ``all_gather``'s backward sends each process the gradient of its own rows.
+    would; the backward pass sums the gradients of every process's loss for each process's rows.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return z
-    from torch.distributed.nn.functional import all_gather
-
     first, second = z.chunk(2)
-    return torch.cat([torch.cat(all_gather(first)), torch.cat(all_gather(second))])
+    return torch.cat([_GatherWithGradient.apply(first), _GatherWithGradient.apply(second)])
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """``all_gather`` whose backward all-reduces the gradient and returns this process's rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001, D102
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001, D102
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]

@@ -93,10 +93,11 @@ def train_histaug(config: TrainConfig) -> Path:
                 "data": [config.data.roots, config.data.zarr, config.data.size, config.data.holdout,
                          config.train.seed]}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        from accelerate import PartialState
+        from genpath.training.loop import process_state
 
-        with PartialState().main_process_first():  # the main process writes the cache, the others read it
-            if PartialState().is_main_process:
+        state = process_state()
+        with state.main_process_first():  # the main process writes the cache, the others read it
+            if state.is_main_process:
                 out.mkdir(parents=True, exist_ok=True)
             clean = cache_clean_embeddings(encoder, tiles, out / "clean_embeddings.zarr", key)
     else:  # (tile, embedding) items: the dataset's precomputed embeddings (``genpath embed``)

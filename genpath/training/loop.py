@@ -107,6 +107,16 @@ class LoopSettings:
             raise ValueError(f"log_with: expected trackers among {list(TRACKERS)}, got {unknown}")
 
 
+def process_state():  # noqa: ANN201 - accelerate.PartialState
+    """Return accelerate's process state (rank, main process), initialising the process group if launched.
+
+    Without CUDA, ``PartialState()`` alone does not join a torchrun/gloo group; ``cpu=True`` does.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def _accelerator(settings: LoopSettings, find_unused: bool):  # noqa: ANN202 - accelerate.Accelerator
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, is_tensorboard_available
@@ -205,8 +215,12 @@ def train_loop(
     Returns:
         The exported folder (the same path on every process; only the main process writes it).
     """
+    import warnings
+
     from accelerate.utils import send_to_device, set_seed
 
+    # DDP's performance hint for 1x1 convolutions whose gradients come back in another (equivalent) layout
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     out = Path(settings.output_dir)
     accelerator = _accelerator(settings, task.find_unused_parameters)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes

@@ -67,10 +67,10 @@ def real_pairs(spec: dict[str, Any] | None, size: int, batch_size: int, seed: in
     share = float(spec.pop("share", 0.5))
     if not 0.0 < share <= 1.0:
         raise ValueError(f"options.pairs.share: expected a share in (0, 1], got {share}")
-    from accelerate import PartialState
+    from genpath.training.loop import process_state
 
     dataset = PairedTileDataset(spec.pop("csv"), size, seed=seed, **spec)
-    rank = PartialState().process_index  # each process draws its own pairs
+    rank = process_state().process_index  # each process draws its own pairs
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
                         generator=torch.Generator().manual_seed(seed * 1_009 + rank))
 

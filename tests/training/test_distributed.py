@@ -99,6 +99,30 @@ def test_tiny_configs_train_on_two_processes(tmp_path, kind):
 
 
 @pytest.mark.slow
+def test_simclr_negatives_span_both_processes(tmp_path):
+    """2 x 8 tiles: NT-Xent over 32 views; with near-identical projections at step 1 it is log(31), not log(15)."""
+    import math
+
+    out = tmp_path / "encoder"
+    launch("encoder", out, 2, config=write_config(tmp_path, "encoder", 8, 1))
+    assert log_of(out)[0]["loss"] == pytest.approx(math.log(31), abs=0.05)
+
+
+@pytest.mark.slow
+def test_stainfuser_histaug_and_translator_train_on_two_processes(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw["stainfuser"]["options"]["vae"] = str(ROOT / "samples" / "checkpoints" / "vae_small")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    for kind in ("stainfuser", "histaug", "translator"):
+        out = tmp_path / kind
+        launch(kind, out, 2, config=config)
+        assert [r["step"] for r in log_of(out)] == [1, 2], kind
+
+
+@pytest.mark.slow
 def test_controlnet_trains_on_two_processes(tmp_path):
     launch("ldm", tmp_path / "ldm", 1)
     import yaml
