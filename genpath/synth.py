@@ -12,8 +12,8 @@
 4. Settings: ``OUT/run.json`` records what decides the samples (model folder and a fingerprint of
    its config files, a fingerprint of the conditions, n, seed, steps, guidance, size, format)
    before anything else is written. A rerun with the same settings resumes; one with other
-   settings is refused (:func:`prepare_run_folder`) unless ``overwrite``, which first deletes
-   only what a synth run writes (:func:`clear_run_outputs`). No input may lie among the outputs.
+   settings is refused (:func:`genpath.synth_shards.prepare_run_folder`) unless ``overwrite``,
+   which first deletes only what a synth run writes. No input may lie among the outputs.
 5. Bad input: a reference image that cannot be read or embedded is a *failed* row of the
    manifest (columns ``status`` ``failed`` and ``error``, no id) and the other images are used
    (conditions are numbered over the readable ones; the CLI exits with code 1). Everything else
@@ -22,19 +22,20 @@
    ``guidance``, more than :data:`MAX_SAMPLES` samples in all (conditions × ``n_per_condition``)
    or a ``batch_size`` above :data:`MAX_BATCH_SIZE`. Sample ids are generated lazily, one batch
    at a time.
+6. Scale (:mod:`genpath.synth_shards`): ``shard="I/N"`` generates only part ``I`` (0-based) of
+   ``N``, in whole batches, with the same per-sample seeds; ``genpath synth-merge`` merges the
+   shard folders into what an unsharded run writes. ``executor="dask"`` runs ``workers`` shards
+   on a dask cluster and merges them.
 
 The pipeline loads with ``EmbeddingToImagePipeline.from_pretrained`` (genpath's one loading path).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import itertools
-import json
 import numbers
 import re
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +48,20 @@ from genpath.encoders.reference import load_encoder_reference
 from genpath.pipelines.checks import MAX_GUIDANCE, check_number
 from genpath.pipelines.embedding_to_image import EmbeddingToImagePipeline
 from genpath.pipelines.loading import check_pretrained_folder
-from genpath.utils.atomic import atomic_path, atomic_write_csv, atomic_write_json
+from genpath.synth_shards import (
+    LOAD_LOCK,
+    RUN_FILE,
+    check_executor,
+    check_inputs_outside,
+    done_rows,
+    prepare_run_folder,
+    read_manifest,
+    recorded_settings,
+    run_sharded,
+    shard_settings,
+)
+from genpath.utils.atomic import atomic_path, atomic_write_csv
 from genpath.utils.logging import get_logger
-from genpath.utils.paths import require_output_folder
 
 logger = get_logger(__name__)
 MANIFEST_FIELDS = ("id", "condition", "source", "seed", "model", "guidance", "steps", "file", "status", "error")
@@ -102,6 +114,10 @@ class SynthConfig:
     size: int | None = None
     overwrite: bool = False
     trust_model_code: bool = False
+    shard: str | None = None
+    executor: str = "local"
+    workers: int = 1
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         if bool(self.from_images) == bool(self.embeddings):
@@ -114,6 +130,7 @@ class SynthConfig:
         check_count(self.steps, "steps", 10_000)
         check_seed(self.seed)
         check_number(self.guidance, "guidance", 0.0, MAX_GUIDANCE, "1 = no guidance")
+        check_executor(self.executor, self.workers, self.shard, self.scheduler)
 
 
 def pipeline_encoder(model: str | Path, allow_code: bool = False) -> ImageEncoder:
@@ -216,38 +233,6 @@ def _conditions(cfg: SynthConfig, pipe: EmbeddingToImagePipeline
     return embed_images(encoder, files, "from_images")
 
 
-def read_manifest(path: Path) -> list[dict[str, str]]:
-    """Rows of a manifest CSV (none when the file does not exist yet)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def done_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Keep a manifest's sample rows (drop failed ones; a manifest without ``status`` has only samples)."""
-    kept = [row for row in rows if row.get("status") != "failed"]
-    for row in kept:
-        row["status"], row["error"] = row.get("status") or "done", row.get("error") or ""
-    return kept
-
-
-def batches(n_total: int, done: set[int], batch_size: int) -> Iterable[list[int]]:
-    """Sample ids ``0..n_total-1`` not in ``done``, ``batch_size`` at a time (never all in one list)."""
-    pending = (i for i in range(n_total) if i not in done)
-    while ids := list(itertools.islice(pending, batch_size)):
-        yield ids
-
-
-RUN_FILE = "run.json"
-RUN_CREATOR = "genpath synth"
-RUN_FILES = ("manifest.csv", "embeddings.npy", RUN_FILE)
-RUN_STORES = ("images.zarr", "pairs.zarr")
-#: file names a synth run writes in ``OUT/images`` and ``OUT/masks`` (and their hidden temporaries)
-RUN_SAMPLES = {"images": r"(?:cond\d{5,}_\d{3,}|\d{6,})\.png", "masks": r"\d{6,}\.npz"}
-_TEMPORARY = r"\.(?:{})\.[A-Za-z0-9_]+\.(?:png|npz|csv|npy|json)"
-
-
 def files_fingerprint(paths: Iterable[str | Path]) -> str:
     """SHA-256 over the contents of ``paths``, in order (names do not count)."""
     digest = hashlib.sha256()
@@ -260,130 +245,36 @@ def files_fingerprint(paths: Iterable[str | Path]) -> str:
 def model_fingerprint(folder: str | Path, exclude: str | Path | None = None) -> str:
     """SHA-256 over the names and contents of a model folder's config files (``*.json``, ``*.yaml``), not weights.
 
-    Hidden files and anything under ``exclude`` (an output folder inside the model folder) do not count.
+    Hidden files, anything under ``exclude`` (an output folder inside the model folder) and synth
+    run folders inside it (their ``run.json``, zarr metadata, shards) do not count.
     """
     folder = Path(folder)
-    skip = Path(exclude).resolve() if exclude is not None else None
+    skip = [Path(exclude).resolve()] if exclude is not None else []
+    skip += [p.parent.resolve() for p in folder.rglob(RUN_FILE) if p.parent != folder and recorded_settings(p)]
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".json", ".yaml", ".yml")
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-                   and not (skip and p.resolve().is_relative_to(skip)))
+                   and not any(p.resolve().is_relative_to(s) for s in skip))
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + bytes.fromhex(files_fingerprint([path])))
     return digest.hexdigest()
 
 
-def check_inputs_outside(out: Path, inputs: Iterable[str | Path], argument: str) -> None:
-    """Refuse an input that is one of the files a synth run writes into ``out`` (or lies in its output folders)."""
-    out = out.resolve()
-    written = {out / name for name in RUN_FILES}
-    folders = [out / name for name in (*RUN_SAMPLES, *RUN_STORES)]
-    for item in inputs:
-        path = Path(item).resolve()
-        if path in written or any(path.is_relative_to(folder) for folder in folders):
-            raise ValueError(f"{argument}: expected an input outside the outputs of {out}, got {item}")
+def batches(n_total: int | range, done: set[int], batch_size: int) -> Iterable[list[int]]:
+    """Sample ids ``0..n_total-1`` (or of a range) not in ``done``, ``batch_size`` at a time (never all in one list)."""
+    pending = (i for i in (range(n_total) if isinstance(n_total, int) else n_total) if i not in done)
+    while ids := list(itertools.islice(pending, batch_size)):
+        yield ids
 
 
-def _sample_files(out: Path) -> list[Path]:
-    """Sample files and temporaries of sample files a synth run wrote in ``out/images`` and ``out/masks``."""
-    found = []
-    for sub, names in RUN_SAMPLES.items():
-        pattern = re.compile(f"{names}|{_TEMPORARY.format(names)}")
-        if (out / sub).is_dir():
-            found.extend(p for p in (out / sub).iterdir() if p.is_file() and pattern.fullmatch(p.name))
-    return found
-
-
-def _stale_temporaries(out: Path) -> list[Path]:
-    pattern = re.compile(_TEMPORARY.format("|".join(re.escape(n) for n in RUN_FILES)))
-    top = [p for p in out.iterdir() if p.is_file() and pattern.fullmatch(p.name)] if out.is_dir() else []
-    return top + [p for p in _sample_files(out) if p.name.startswith(".")]
-
-
-def clear_run_outputs(out: str | Path) -> None:
-    """Delete what a synth run writes in ``out``, nothing else.
-
-    That is ``run.json``, ``manifest.csv``, ``embeddings.npy``, ``images.zarr``/``pairs.zarr``
-    and the sample files (by their names) in ``images/`` and ``masks/``, removed when empty.
-    """
-    out = Path(out)
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for name in RUN_STORES:
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
-    for path in _sample_files(out) + _stale_temporaries(out):
-        path.unlink(missing_ok=True)
-    for sub in RUN_SAMPLES:
-        if (out / sub).is_dir() and not any((out / sub).iterdir()):
-            (out / sub).rmdir()
-
-
-def _has_outputs(out: Path) -> bool:
-    return any((out / name).exists() for name in (*RUN_FILES, *RUN_STORES)) or any(
-        not p.name.startswith(".") for p in _sample_files(out))
-
-
-def _recorded_settings(record: Path) -> dict | None:
-    """Read the settings in ``run.json`` (None when absent, ``{}`` when unreadable or not written by genpath synth)."""
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (UnicodeDecodeError, json.JSONDecodeError, IsADirectoryError):
-        return {}
-    ok = isinstance(data, dict) and data.get("created_by") == RUN_CREATOR
-    return data["settings"] if ok and isinstance(data.get("settings"), dict) else {}
-
-
-def prepare_run_folder(out: str | Path, settings: dict, overwrite: bool = False) -> bool:
-    """Make ``out`` ready for a run with ``settings``: record them in ``out/run.json`` (atomically).
-
-    Args:
-        out: the output folder (created).
-        settings: what decides the samples (JSON-serializable; ``command`` tells synth from synth --masks).
-        overwrite: start over: delete a previous run's outputs (:func:`clear_run_outputs`) first.
-
-    Returns:
-        Whether a previous run with the same settings is resumed.
-
-    Raises:
-        ValueError: ``out`` holds a run with other settings, or outputs without a readable
-            ``run.json``, and ``overwrite`` is false (nothing is touched).
-    """
-    out = require_output_folder(out)
-    settings = json.loads(json.dumps(settings, allow_nan=False))  # compare as recorded
-    record = out / RUN_FILE
-    previous = _recorded_settings(record) if out.is_dir() else None
-    expected = f"out: expected the settings of the run already in {out} (or --overwrite), got"
-    if not overwrite:
-        if previous == settings:
-            for path in _stale_temporaries(out):
-                path.unlink(missing_ok=True)
-            return True
-        if previous == {}:
-            raise ValueError(f"{expected} an unreadable {record} or one genpath synth did not write")
-        if previous is not None:
-            keys = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
-            raise ValueError(f"{expected} different {', '.join(keys)}")
-        if _has_outputs(out):
-            raise ValueError(f"{expected} outputs without {RUN_FILE} (an older genpath or another program)")
-    elif previous is not None or _has_outputs(out):
-        logger.info("--overwrite: deleting the previous run's outputs in %s", out)
-    if out.is_dir():
-        clear_run_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(record, {"created_by": RUN_CREATOR, "settings": settings})
-    return False
-
-
-def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Generate (or finish generating) a synthetic dataset; returns the manifest rows (failed inputs last)."""
+def _plan(cfg: SynthConfig) -> tuple[EmbeddingToImagePipeline, torch.Tensor, list[str], list[tuple[str, str]],
+                                     int, dict]:
+    """Load the pipeline and the conditions, check everything; the settings that decide the samples."""
     folder = check_pretrained_folder(cfg.model, "model", "EmbeddingToImagePipeline folder")
-    pipe = EmbeddingToImagePipeline.from_pretrained(folder)
-    embeddings, sources, failed_inputs = _conditions(cfg, pipe)
-    f = pipe.vae_scale_factor
-    size = cfg.size or pipe.unet.config.sample_size * f
+    with LOAD_LOCK:
+        pipe = EmbeddingToImagePipeline.from_pretrained(folder)
+        embeddings, sources, failed_inputs = _conditions(cfg, pipe)
+    size = cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     pipe.check_inputs(embeddings, size, size, cfg.steps, cfg.guidance, "pt")  # fail before any compute
     out = Path(cfg.out)
     inputs = [cfg.embeddings] if cfg.embeddings else sources
@@ -392,10 +283,30 @@ def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = No
                 "conditions": files_fingerprint(inputs), "n_conditions": len(sources),
                 "n_per_condition": cfg.n_per_condition, "seed": cfg.seed, "steps": cfg.steps,
                 "guidance": cfg.guidance, "size": size, "output_format": cfg.output_format}
-    prepare_run_folder(out, settings, cfg.overwrite)
+    return pipe, embeddings, sources, failed_inputs, size, settings
+
+
+def synth_plan(cfg: SynthConfig) -> tuple[dict, int]:
+    """Return the settings ``run.json`` records for ``cfg`` (unsharded) and its sample count; checks all inputs."""
+    *_, settings = _plan(cfg)
+    return settings, settings["n_conditions"] * cfg.n_per_condition
+
+
+def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Generate (or finish generating) a synthetic dataset; returns the manifest rows (failed inputs last).
+
+    With ``cfg.shard`` only that part of the samples; with ``cfg.executor == "dask"`` all shards on
+    a dask cluster, merged into ``cfg.out`` (:func:`genpath.synth_shards.run_sharded`).
+    """
+    if cfg.executor == "dask":
+        return run_sharded(cfg, run_synth, synth_plan, progress)
+    pipe, embeddings, sources, failed_inputs, size, settings = _plan(cfg)
+    out = Path(cfg.out)
+    n_total = len(sources) * cfg.n_per_condition
+    record, ids = shard_settings(settings, n_total, cfg.batch_size, cfg.shard)
+    prepare_run_folder(out, record, cfg.overwrite)
     with atomic_path(out / "embeddings.npy") as tmp:
         np.save(tmp, embeddings.numpy())
-    n_total = len(sources) * cfg.n_per_condition
     manifest = out / "manifest.csv"
     previous = read_manifest(manifest)
     rows = done_rows(previous)
@@ -417,17 +328,17 @@ def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = No
             done, rows = set(), []
         images_array = group["images"]
     if done:
-        logger.info("resuming %s: %d of %d samples done", out, len(done), n_total)
+        logger.info("resuming %s: %d of %d samples done", out, len(done), len(ids))
     if failed or len(previous) != len(rows):  # record this run's failed inputs even when nothing is left to do
         atomic_write_csv(manifest, rows + failed, MANIFEST_FIELDS)
-    for ids in batches(n_total, done, cfg.batch_size):
-        conds = [i // cfg.n_per_condition for i in ids]
-        generators = [torch.Generator().manual_seed(cfg.seed + i) for i in ids]
+    for batch in batches(ids, done, cfg.batch_size):
+        conds = [i // cfg.n_per_condition for i in batch]
+        generators = [torch.Generator().manual_seed(cfg.seed + i) for i in batch]
         with torch.no_grad():
             images = pipe(embeddings[conds], height=size, width=size, num_inference_steps=cfg.steps,
                           guidance_scale=cfg.guidance, generator=generators).images
         uint8 = (images * 255).round().to(torch.uint8).cpu()
-        for sample_id, cond, image in zip(ids, conds, uint8, strict=True):
+        for sample_id, cond, image in zip(batch, conds, uint8, strict=True):
             if images_array is not None:
                 images_array[sample_id] = image.numpy()
                 file = f"images.zarr/images[{sample_id}]"
@@ -442,5 +353,5 @@ def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = No
         rows.sort(key=lambda r: int(r["id"]))
         atomic_write_csv(manifest, rows + failed, MANIFEST_FIELDS)
         if progress:
-            progress(len(rows), n_total)
+            progress(len(rows), len(ids))
     return rows + failed

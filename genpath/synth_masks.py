@@ -9,7 +9,7 @@
    ``(N,3,H,W)`` uint8, ``instances``/``types`` ``(N,H,W)`` int32, one chunk per sample) or
    ``OUT/images/*.png`` + ``OUT/masks/*.npz``; ``OUT/manifest.csv`` is rewritten atomically per
    batch and a rerun skips what it lists.
-4. Settings: ``OUT/run.json`` (:func:`genpath.synth.prepare_run_folder`) records the model and a
+4. Settings: ``OUT/run.json`` (:func:`genpath.synth_shards.prepare_run_folder`) records the model and a
    fingerprint of its config files, of the masks and of the style images, n, seed, steps,
    guidance, ControlNet scale, tile and format; a rerun with other settings is refused unless
    ``overwrite`` (which deletes only what a synth run writes).
@@ -20,6 +20,7 @@
    positive multiple of the VAE factor, NaN/inf ``guidance``/``controlnet_scale``, more than
    :data:`genpath.synth.MAX_SAMPLES` samples (or tiles) in all, or a ``batch_size`` above
    :data:`genpath.synth.MAX_BATCH_SIZE`.
+6. Scale: ``shard`` and ``executor="dask"`` as in :mod:`genpath.synth` (:mod:`genpath.synth_shards`).
 
 The pipeline loads with ``MaskToImagePipeline.from_pretrained`` (a full pipeline folder or a
 ControlNet folder with ``base.json``).
@@ -46,16 +47,22 @@ from genpath.synth import (
     MAX_SAMPLES,
     batches,
     check_count,
-    check_inputs_outside,
     check_seed,
     check_total,
-    done_rows,
     embed_images,
     files_fingerprint,
     list_images,
     model_fingerprint,
+)
+from genpath.synth_shards import (
+    LOAD_LOCK,
+    check_executor,
+    check_inputs_outside,
+    done_rows,
     prepare_run_folder,
     read_manifest,
+    run_sharded,
+    shard_settings,
 )
 from genpath.utils.atomic import atomic_path, atomic_write_csv
 from genpath.utils.logging import get_logger
@@ -86,6 +93,10 @@ class MaskSynthConfig:
     overwrite: bool = False
     base: str | None = None
     trust_model_code: bool = False
+    shard: str | None = None
+    executor: str = "local"
+    workers: int = 1
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         if self.output_format not in ("zarr", "png"):
@@ -98,6 +109,7 @@ class MaskSynthConfig:
         check_number(self.controlnet_scale, "controlnet_scale", 0.0, MAX_CONDITIONING_SCALE, "0 ignores the mask")
         if self.tile is not None:
             check_count(self.tile, "tile", 2**31 - 1)
+        check_executor(self.executor, self.workers, self.shard, self.scheduler)
 
 
 def _read_mask_file(path: Path) -> list[Mask]:
@@ -213,11 +225,12 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
         np.savez_compressed(tmp, **arrays)
 
 
-def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Generate (or finish generating) an (image, mask) dataset; returns the manifest rows (failed inputs last)."""
+def _plan(cfg: MaskSynthConfig) -> tuple:
+    """Load the pipeline, masks and styles, check everything; the settings that decide the samples."""
     folder = check_pretrained_folder(cfg.model, "model", "MaskToImagePipeline or ControlNet folder")
     base = check_pretrained_folder(cfg.base, "base", "EmbeddingToImagePipeline folder") if cfg.base else None
-    pipe = MaskToImagePipeline.from_pretrained(folder, **({"base": base} if base else {}))
+    with LOAD_LOCK:
+        pipe = MaskToImagePipeline.from_pretrained(folder, **({"base": base} if base else {}))
     if cfg.tile is not None:
         check_size(cfg.tile, "tile", pipe.vae_scale_factor)
     mask_failures: list[tuple[str, str]] = []
@@ -232,7 +245,8 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
     styles, style_names, style_failures = None, [], []
     if cfg.style_from:
         files = list_images(cfg.style_from, "style_from")
-        encoder = load_encoder_reference(folder, allow_code=cfg.trust_model_code)
+        with LOAD_LOCK:
+            encoder = load_encoder_reference(folder, allow_code=cfg.trust_model_code)
         styles, style_names, style_failures = embed_images(encoder, files, "style_from")
     out = Path(cfg.out)
     check_inputs_outside(out, [cfg.masks], "masks")
@@ -243,8 +257,28 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
                 "n_masks": len(masks), "style": files_fingerprint(style_names), "n_styles": len(style_names),
                 "n_per_condition": cfg.n_per_mask, "seed": cfg.seed, "steps": cfg.steps, "guidance": cfg.guidance,
                 "controlnet_scale": cfg.controlnet_scale, "tile": cfg.tile, "output_format": cfg.output_format}
-    prepare_run_folder(out, settings, cfg.overwrite)
+    return pipe, masks, (styles, style_names), (mask_failures, style_failures), (h, w), settings
+
+
+def mask_synth_plan(cfg: MaskSynthConfig) -> tuple[dict, int]:
+    """Return the settings ``run.json`` records for ``cfg`` (unsharded) and its sample count; checks all inputs."""
+    *_, settings = _plan(cfg)
+    return settings, settings["n_masks"] * cfg.n_per_mask
+
+
+def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Generate (or finish generating) an (image, mask) dataset; returns the manifest rows (failed inputs last).
+
+    With ``cfg.shard`` only that part of the samples; with ``cfg.executor == "dask"`` all shards on
+    a dask cluster, merged into ``cfg.out`` (:func:`genpath.synth_shards.run_sharded`).
+    """
+    if cfg.executor == "dask":
+        return run_sharded(cfg, run_mask_synth, mask_synth_plan, progress)
+    pipe, masks, (styles, style_names), (mask_failures, style_failures), (h, w), settings = _plan(cfg)
+    out = Path(cfg.out)
     n_total = len(masks) * cfg.n_per_mask
+    record, ids = shard_settings(settings, n_total, cfg.batch_size, cfg.shard)
+    prepare_run_folder(out, record, cfg.overwrite)
     manifest = out / "manifest.csv"
     previous = read_manifest(manifest)
     rows = done_rows(previous)
@@ -266,22 +300,22 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
             done, rows = set(), []
         arrays = group
     if done:
-        logger.info("resuming %s: %d of %d samples done", out, len(done), n_total)
+        logger.info("resuming %s: %d of %d samples done", out, len(done), len(ids))
     if failed or len(previous) != len(rows):  # record this run's failed inputs even when nothing is left to do
         atomic_write_csv(manifest, rows + failed, MASK_MANIFEST_FIELDS)
-    for ids in batches(n_total, done, cfg.batch_size):
-        mask_ids = [i // cfg.n_per_mask for i in ids]
+    for batch in batches(ids, done, cfg.batch_size):
+        mask_ids = [i // cfg.n_per_mask for i in batch]
         inst = torch.stack([masks[m][1] for m in mask_ids])
         types = torch.stack([masks[m][2] if masks[m][2] is not None else torch.zeros_like(masks[m][1])
                              for m in mask_ids])
         inst, types = check_masks(inst, types, pipe.config.num_types, "masks")
         emb = None if styles is None else styles[[m % len(styles) for m in mask_ids]]
-        generators = [torch.Generator().manual_seed(cfg.seed + i) for i in ids]
+        generators = [torch.Generator().manual_seed(cfg.seed + i) for i in batch]
         images = pipe(inst, types if pipe.config.num_types else None, embeddings=emb,
                       controlnet_conditioning_scale=cfg.controlnet_scale, guidance_scale=cfg.guidance,
                       num_inference_steps=cfg.steps, generator=generators).images
         uint8 = (images * 255).round().to(torch.uint8).cpu()
-        for j, (sample_id, m) in enumerate(zip(ids, mask_ids, strict=True)):
+        for j, (sample_id, m) in enumerate(zip(batch, mask_ids, strict=True)):
             if arrays is not None:
                 arrays["images"][sample_id] = uint8[j].numpy()
                 arrays["instances"][sample_id] = inst[j].numpy().astype(np.int32)
@@ -300,5 +334,5 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
         rows.sort(key=lambda r: int(r["id"]))
         atomic_write_csv(manifest, rows + failed, MASK_MANIFEST_FIELDS)
         if progress:
-            progress(len(rows), n_total)
+            progress(len(rows), len(ids))
     return rows + failed

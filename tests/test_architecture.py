@@ -22,6 +22,7 @@ PACKAGES = ("genpath", "normalization", "augment")
 LAYERS = [
     ("genpath.cli", 4),
     ("genpath.training", 3), ("genpath.apps", 3), ("genpath.synth", 3), ("genpath.synth_masks", 3),
+    ("genpath.synth_shards", 3),
     ("genpath.pipelines", 2), ("genpath.translation", 2),
     ("normalization", 1), ("augment", 1), ("genpath.models", 1), ("genpath.encoders", 1), ("genpath.metrics", 1),
     ("genpath", 0),

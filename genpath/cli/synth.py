@@ -1,4 +1,4 @@
-"""``genpath synth`` and ``genpath synth-large``: synthetic datasets and large images from trained pipelines."""
+"""``genpath synth``, ``synth-merge``, ``synth-large``: synthetic datasets and large images from trained pipelines."""
 
 from __future__ import annotations
 
@@ -45,6 +45,14 @@ def synth(
     overwrite: Annotated[bool, typer.Option(help="Start over in an --out that holds a run with other settings: "
                                                  "first delete that run's outputs (images/, masks/, *.zarr, "
                                                  "manifest.csv, embeddings.npy, run.json), nothing else.")] = False,
+    shard: Annotated[str | None, typer.Option(help="Generate only part I of N (0-based, I/N with 0 <= I < N), in "
+                                                   "whole batches; merge the parts with genpath synth-merge.")] = None,
+    executor: Annotated[str, typer.Option(help="local, or dask: run --workers shards as dask tasks and merge "
+                                               "them into --out.")] = "local",
+    workers: Annotated[int, typer.Option(help="--executor dask: number of shards and local worker "
+                                              "processes.")] = 1,
+    scheduler: Annotated[str | None, typer.Option(help="--executor dask: scheduler address (default: a local "
+                                                       "cluster; --out must be on a shared disk).")] = None,
 ) -> None:
     """Generate a synthetic dataset (images, embeddings, manifest.csv); an interrupted run resumes.
 
@@ -54,7 +62,12 @@ def synth(
 
     With ``--masks``: (image, mask) pairs from a MaskToImagePipeline, one or more per mask
     (``--n-per-condition``), to OUT/pairs.zarr or OUT/images + OUT/masks.
+
+    At scale: ``--shard I/N`` writes part I of N (same per-sample seeds, so the merged shards
+    equal an unsharded run), ``genpath synth-merge`` merges them; ``--executor dask --workers N``
+    does both on a dask cluster.
     """
+    scale = {"shard": shard, "executor": executor, "workers": workers, "scheduler": scheduler}
     if masks is not None:
         from genpath.synth_masks import MaskSynthConfig, run_mask_synth
 
@@ -62,7 +75,7 @@ def synth(
                               n_per_mask=n_per_condition, output_format=output_format, seed=seed,
                               controlnet_scale=controlnet_scale, guidance=guidance, steps=steps,
                               batch_size=batch_size, tile=tile, overwrite=overwrite,
-                              base=str(base) if base else None, trust_model_code=trust_model_code)
+                              base=str(base) if base else None, trust_model_code=trust_model_code, **scale)
         with progress_bar("synth (masks)") as update:
             rows = run_mask_synth(cfg, progress=lambda done, total: update(completed=done, total=total))
         _report(rows, f"(image, mask) pairs and manifest.csv in {out}", ("mask_source", "style"))
@@ -72,10 +85,28 @@ def synth(
     cfg = SynthConfig(model=str(model), out=str(out), from_images=list(from_images or []),
                       embeddings=str(embeddings) if embeddings else None, n_per_condition=n_per_condition,
                       output_format=output_format, seed=seed, guidance=guidance, steps=steps, batch_size=batch_size,
-                      overwrite=overwrite, trust_model_code=trust_model_code)
+                      overwrite=overwrite, trust_model_code=trust_model_code, **scale)
     with progress_bar("synth") as update:
         rows = run_synth(cfg, progress=lambda done, total: update(completed=done, total=total))
     _report(rows, f"samples, manifest.csv and embeddings.npy in {out}", ("source",))
+
+
+@user_errors
+def synth_merge(
+    shards: Annotated[list[Path], typer.Argument(help="Every shard folder of one run (genpath synth --shard I/N).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder of the merged run.")],
+    overwrite: Annotated[bool, typer.Option(help="Start over in an --out that holds a run with other settings "
+                                                 "(deletes that run's outputs only).")] = False,
+) -> None:
+    """Merge the finished shards of one synth run into what an unsharded run writes to OUT.
+
+    Each shard must be given once and all of them; their run.json must agree on everything but
+    the shard. Rows keep the unsharded order; failed inputs are reported (exit 1) as by synth.
+    """
+    from genpath.synth_shards import merge_shards
+
+    rows = merge_shards(shards, out, overwrite=overwrite)
+    _report(rows, f"samples merged from {len(shards)} shards into {out}", ("source", "mask_source", "style"))
 
 
 @user_errors
