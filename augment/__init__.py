@@ -24,7 +24,9 @@ from augment.stain import (  # noqa: E402
 )
 
 _LAZY = {"HistAugModel": "augment.histaug", "HistAugTransform": "augment.feature",
-         "HistAugCollate": "augment.feature"}
+         "HistAugCollate": "augment.feature", "load_histaug": "augment.feature",
+         "OfficialHistAugModel": "augment.histaug_official", "load_official_histaug": "augment.histaug_official",
+         "to_official_params": "augment.histaug_translate"}
 
 
 def __getattr__(name: str) -> Any:
@@ -41,6 +43,7 @@ __all__ = [
     "HistAugCollate",
     "HistAugModel",
     "HistAugTransform",
+    "OfficialHistAugModel",
     "RandomHistologyTransform",
     "ParamSpec",
     "RandomHEDJitter",
@@ -50,4 +53,7 @@ __all__ = [
     "StainNAStatistics",
     "check_params",
     "identity_params",
+    "load_histaug",
+    "load_official_histaug",
+    "to_official_params",
 ]

@@ -3,10 +3,16 @@
 :class:`HistAugTransform` augments one bag ``(N,D)`` or a batch of bags ``(B,N,D)`` in a single
 forward pass. Use it in the training step (on the GPU, next to the MIL model) or in a
 ``DataLoader`` collate function (:class:`HistAugCollate`, picklable for workers).
+
+Both kinds of HistAug work: genpath's own (:class:`~augment.histaug.HistAugModel`) and the
+official releases (:class:`~augment.histaug_official.OfficialHistAugModel`, loaded from their
+transformers folder without running its code); :func:`load_histaug` tells them apart by
+``config.json``.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,20 +20,30 @@ import torch
 from torch import nn
 
 from augment.histaug import HistAugModel
+from augment.histaug_official import OfficialHistAugModel, load_official_histaug, read_model_type
+
+_MODES = {"wsi": "wsi", "wsi_wise": "wsi", "patch": "patch", "instance_wise": "patch"}
 
 
-def load_histaug(folder: str | Path) -> HistAugModel:
-    """Load a saved :class:`HistAugModel` from a local folder: float32, safetensors only, never the network.
+def load_histaug(folder: str | Path) -> HistAugModel | OfficialHistAugModel:
+    """Load a HistAug folder, float32, never the network: genpath's own or an official release.
+
+    ``config.json`` with ``model_type: "histaug"`` (the official ``sofieneb/histaug-*`` releases)
+    loads :class:`~augment.histaug_official.OfficialHistAugModel` (strict, ``histaug.`` prefix
+    stripped, safetensors or ``pytorch_model.bin`` with ``weights_only``); anything else loads
+    genpath's :class:`HistAugModel` (safetensors only).
 
     Raises:
         FileNotFoundError: ``folder`` is not an existing local folder (a Hub id is refused at
             once instead of being looked up).
-        ValueError: the folder holds no HistAug weights in safetensors.
+        ValueError: the folder holds no HistAug weights, or weights that do not match its config.
     """
     path = Path(folder)
     if not path.is_dir():
         raise FileNotFoundError(f"model: expected a local HistAug folder, got {folder} (missing; genpath never "
                                 "downloads)")
+    if read_model_type(path) == "histaug":
+        return load_official_histaug(path)
     try:
         return HistAugModel.from_pretrained(str(path), dtype=torch.float32, local_files_only=True,
                                             use_safetensors=True)
@@ -40,10 +56,13 @@ class HistAugTransform(nn.Module):
     """Augment bags of patch embeddings with a frozen HistAug model.
 
     Args:
-        model: a trained :class:`~augment.histaug.HistAugModel` (or its folder).
+        model: a trained :class:`~augment.histaug.HistAugModel`, an
+            :class:`~augment.histaug_official.OfficialHistAugModel`, or the folder of either.
         p: probability that a bag is augmented at all.
-        mode: ``"wsi"`` (one draw per bag, the paper's recommendation) or ``"patch"``.
-        strength: shrinks the transform ranges towards the identity (0..1).
+        mode: ``"wsi"`` (one draw per bag, the paper's recommendation) or ``"patch"``; the
+            official names ``"wsi_wise"`` and ``"instance_wise"`` mean the same.
+        strength: shrinks the transform ranges towards the identity (0..1); for an official
+            model it scales the continuous values (the discrete ones keep their probabilities).
 
     Shape:
         ``(N,D)`` or ``(B,N,D)`` -> same shape, dtype and device.
@@ -55,19 +74,22 @@ class HistAugTransform(nn.Module):
     """
 
     def __init__(
-        self, model: HistAugModel | str | Path, p: float = 0.5, mode: str = "wsi", strength: float = 1.0
+        self, model: HistAugModel | OfficialHistAugModel | str | Path, p: float = 0.5, mode: str = "wsi",
+        strength: float = 1.0,
     ) -> None:
         super().__init__()
         if isinstance(model, str | Path):
             model = load_histaug(model)
+        if not isinstance(model, HistAugModel | OfficialHistAugModel):
+            raise TypeError(f"model: expected a HistAug model or folder, got {type(model).__name__}")
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p: expected a probability in [0, 1], got {p}")
-        if mode not in ("wsi", "patch"):
-            raise ValueError(f"mode: expected 'wsi' or 'patch', got {mode!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode: expected 'wsi' or 'patch' (or 'wsi_wise', 'instance_wise'), got {mode!r}")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength: expected a value in [0, 1], got {strength}")
         self.model = model.eval().requires_grad_(False)
-        self.p, self.mode, self.strength = float(p), mode, float(strength)
+        self.p, self.mode, self.strength = float(p), _MODES[mode], float(strength)
 
     @torch.no_grad()
     def forward(self, bags: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -78,7 +100,9 @@ class HistAugTransform(nn.Module):
             raise ValueError(f"bags: expected (N,D) or (B,N,D), got shape {tuple(bags.shape)}")
         chosen = (torch.rand(x.shape[0], generator=generator) < self.p).nonzero().flatten()
         out = x.clone()
-        if len(chosen):
+        if len(chosen) and isinstance(self.model, OfficialHistAugModel):
+            out[chosen] = self._official(x[chosen], generator)
+        elif len(chosen):
             sub = x[chosen]
             if self.mode == "wsi":
                 params = self.model.sample_params(len(chosen), mode="patch", generator=generator,
@@ -89,6 +113,19 @@ class HistAugTransform(nn.Module):
                 params = self.model.sample_params(n, mode="patch", generator=generator, strength=self.strength)
                 out[chosen] = self.model(sub.reshape(n, -1), params).reshape(sub.shape)
         return out[0] if single else out
+
+    def _official(self, bags: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Augment ``(B,N,D)`` bags with an official model: one ``wsi_wise`` draw per bag, or ``instance_wise``."""
+        b, n, d = bags.shape
+        flat = bags.reshape(b * n, d)
+        sample = self.model.sample_aug_params
+        if self.mode == "patch":
+            params = sample(b * n, flat.device, "instance_wise", generator=generator, strength=self.strength)
+        else:
+            draws = [sample(n, flat.device, "wsi_wise", generator=generator, strength=self.strength) for _ in range(b)]
+            params = OrderedDict((k, (torch.cat([p[k][0] for p in draws]), torch.cat([p[k][1] for p in draws])))
+                                 for k in draws[0])
+        return self.model(flat, params).reshape(b, n, d)
 
 
 class HistAugCollate:
