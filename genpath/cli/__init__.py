@@ -15,6 +15,7 @@ import typer
 
 from genpath import __version__
 from genpath.cli import common, normalize, synth, train, translate
+from genpath.cli import convert as convert_commands
 from genpath.cli import datasets as dataset_commands
 from genpath.cli import eval as eval_commands
 from genpath.utils.logging import set_verbosity
@@ -43,6 +44,7 @@ def _root(
 
 app.add_typer(normalize.app, name="normalize")
 app.add_typer(translate.app, name="translate")
+app.add_typer(convert_commands.app, name="convert")
 app.command("train", no_args_is_help=True)(train.train)
 app.command("synth", no_args_is_help=True)(synth.synth)
 app.command("synth-merge", no_args_is_help=True)(synth.synth_merge)

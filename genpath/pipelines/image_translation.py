@@ -10,7 +10,9 @@ by every tile, so outputs do not depend on the batch (batch-invariant).
 
 :class:`GeneratorTranslationPipeline` (the one-step baseline): a
 :class:`~genpath.translation.networks.ResnetTranslator` trained with LSGAN + PatchNCE + ASP +
-Gaussian-pyramid L1 (:mod:`genpath.training.translator`). Same call signature.
+Gaussian-pyramid L1 (:mod:`genpath.training.translator`), or a published pix2pix / CUT / ASP /
+BCI generator converted by ``genpath convert pix2pix``
+(:class:`~genpath.translation.resnet_generator.ResnetGenerator`). Same call signature.
 
 Both derive from :class:`ImageTranslationPipeline` (``save_pretrained``; ``from_pretrained``
 through :class:`~genpath.pipelines.loading.GenpathPipelineMixin`, so
@@ -32,6 +34,7 @@ from genpath.pipelines.checks import check_steps
 from genpath.pipelines.loading import GenpathPipelineMixin
 from genpath.pipelines.noise import GeneratorLike, check_generator, shared_noise
 from genpath.translation.networks import ResnetTranslator
+from genpath.translation.resnet_generator import ResnetGenerator
 
 
 def _check_size(rgb: torch.Tensor, factor: int, name: str = "images") -> None:
@@ -167,13 +170,14 @@ class LatentTranslationPipeline(ImageTranslationPipeline):
 
 
 class GeneratorTranslationPipeline(ImageTranslationPipeline):
-    """One-step translation with a :class:`ResnetTranslator` (the GAN + ASP baseline).
+    """One-step translation with a :class:`ResnetTranslator` (the GAN + ASP baseline) or a published ResnetGenerator.
 
     Example:
         >>> out = pipe(he_tiles).images  # doctest: +SKIP
     """
 
-    def __init__(self, translator: ResnetTranslator, source_stain: str = "H&E", target_stain: str = "IHC") -> None:
+    def __init__(self, translator: ResnetTranslator | ResnetGenerator, source_stain: str = "H&E",
+                 target_stain: str = "IHC") -> None:
         super().__init__()
         self.register_modules(translator=translator)
         self.register_to_config(source_stain=source_stain, target_stain=target_stain)
@@ -183,9 +187,10 @@ class GeneratorTranslationPipeline(ImageTranslationPipeline):
         return self.translator.factor
 
     def check_components(self) -> None:
-        """Raise a ``ValueError`` unless ``translator`` is a :class:`ResnetTranslator`."""
-        if not isinstance(self.translator, ResnetTranslator):
-            raise ValueError(f"translator: expected a ResnetTranslator, got {type(self.translator).__name__}")
+        """Raise a ``ValueError`` unless ``translator`` is a :class:`ResnetTranslator` or a :class:`ResnetGenerator`."""
+        if not isinstance(self.translator, ResnetTranslator | ResnetGenerator):
+            raise ValueError(f"translator: expected a ResnetTranslator or ResnetGenerator, "
+                             f"got {type(self.translator).__name__}")
 
     def check_inputs(self, rgb: torch.Tensor, num_inference_steps: int, output_type: str,
                      generator: GeneratorLike = None) -> None:

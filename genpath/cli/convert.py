@@ -1,0 +1,68 @@
+"""``genpath convert FAMILY SRC --out DIR``: published weights -> a genpath folder (one command per family)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from genpath.cli.common import console, user_errors
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Convert published weights into genpath folders (read weights-only, never downloaded). "
+                       "Families: pix2pix (pix2pix / CycleGAN ResnetGenerator, CUT, ASP and BCI generators -> "
+                       "a translator folder for 'genpath translate').")
+
+Out = Annotated[Path, typer.Option("--out", "-o", help="The genpath folder to write (new or empty).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty --out.")]
+
+
+@app.command("pix2pix")
+@user_errors
+def pix2pix(
+    src: Annotated[Path, typer.Argument(help="The generator checkpoint: latest_net_G.pth (or .safetensors).")],
+    out: Out,
+    preset: Annotated[str | None, typer.Option(help="bci (BCI PyramidPix2pix: resnet_9blocks, batch norm, "
+                                               "dropout, batch statistics) or asp (ASP: resnet_6blocks, "
+                                               "instance norm, anti-aliased, spectral norm).")] = None,
+    n_blocks: Annotated[int | None, typer.Option("--n-blocks", help="Resnet blocks (9 or 6: --netG "
+                                                 "resnet_9blocks/6blocks); default: read from the file.")] = None,
+    ngf: Annotated[int | None, typer.Option(help="Stem width (--ngf, 64); default: read from the file.")] = None,
+    norm: Annotated[str | None, typer.Option(help="batch, instance or none (--norm / --normG); default: read "
+                                             "from the file.")] = None,
+    dropout: Annotated[bool | None, typer.Option("--dropout/--no-dropout", help="Dropout layers in the blocks "
+                                                 "(pix2pix/BCI without --no_dropout); default: read from the "
+                                                 "file.")] = None,
+    antialias: Annotated[bool | None, typer.Option("--antialias/--no-antialias", help="CUT's anti-aliased down- "
+                                                   "and upsampling; default: read from the file.")] = None,
+    spectral_norm: Annotated[bool | None, typer.Option("--spectral-norm/--no-spectral-norm", help="Spectral norm "
+                                                       "on the convolutions (ASP --weight_norm spectral), folded "
+                                                       "into plain weights; default: read from the file.")] = None,
+    batch_stats: Annotated[bool | None, typer.Option("--batch-stats/--no-batch-stats", help="Batch norms use each "
+                                                     "image's own statistics at inference (BCI's test.py runs "
+                                                     "the generator in train mode); default: off, on with "
+                                                     "--preset bci.")] = None,
+    source_stain: Annotated[str, typer.Option(help="Stain of the inputs (recorded).")] = "H&E",
+    target_stain: Annotated[str, typer.Option(help="Stain of the outputs (recorded), e.g. 'HER2 IHC'.")] = "IHC",
+    overwrite: Overwrite = False,
+) -> None:
+    """Convert a pix2pix / CycleGAN / CUT / ASP / BCI ResnetGenerator (latest_net_G.pth) into a translator folder.
+
+    The architecture is read from the file; each flag given (or set by --preset) is checked against it.
+
+    Run the result with: genpath translate tiles|slides INPUTS --model OUT --out DIR
+    """
+    from genpath.apps.convert import Pix2PixConvertOptions, convert_pix2pix_checkpoint
+
+    options = Pix2PixConvertOptions(preset=preset, ngf=ngf, n_blocks=n_blocks, norm=norm, dropout=dropout,
+                                    antialias=antialias, spectral_norm=spectral_norm, batch_stats=batch_stats,
+                                    source_stain=source_stain, target_stain=target_stain)
+    record = convert_pix2pix_checkpoint(src, out, options, overwrite=overwrite)
+    g = record["generator"]
+    parts = [f"ngf {g['ngf']}", f"{g['n_blocks']} blocks", f"{g['norm']} norm",
+             "dropout" if g["use_dropout"] else "", "anti-aliased" if g["antialias_down"] else "",
+             "spectral norm folded" if record["layout"]["spectral_norm"] else "",
+             "batch statistics" if g["batch_stats"] else ""]
+    console.print(f"converted {src.name} (ResnetGenerator: {', '.join(p for p in parts if p)}) to {out}; "
+                  f"run: genpath translate tiles INPUTS --model {out} --out OUT", highlight=False, soft_wrap=True)
