@@ -69,18 +69,25 @@ class EmbedConfig:
 def parse_encoder(spec: str) -> tuple[str, dict[str, Any]]:
     """Split ``NAME[:WEIGHTS]`` into the registry name and the keyword arguments of its weights.
 
+    ``WEIGHTS`` goes to the keyword the encoder's family registered (``path`` for folders and
+    TorchScript files, ``checkpoint_path`` for timm and the published presets).
+
     Example:
         >>> parse_encoder("genpath-small:out/enc")
         ('genpath-small', {'path': 'out/enc'})
         >>> parse_encoder("timm.vit_small_patch16_224:uni.bin")
         ('timm.vit_small_patch16_224', {'checkpoint_path': 'uni.bin'})
+        >>> parse_encoder("uni2-h:models/uni2-h/pytorch_model.bin")
+        ('uni2-h', {'checkpoint_path': 'models/uni2-h/pytorch_model.bin'})
     """
+    from genpath.encoders.registry import weights_argument
+
     name, sep, weights = spec.partition(":")
     if not name or (sep and not weights):
         raise ValueError(f"encoder: expected NAME or NAME:WEIGHTS (a registered encoder), got {spec!r}")
     if not sep:
         return name, {}
-    return name, {"checkpoint_path" if name.partition(".")[0] == "timm" else "path": weights}
+    return name, {weights_argument(name): weights}
 
 
 def resolve_device(device: str) -> torch.device:

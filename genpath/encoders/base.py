@@ -14,13 +14,38 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def resize_image(rgb: torch.Tensor, size: int, interpolation: str = "bilinear",
+                 center_crop: bool = False) -> torch.Tensor:
+    """Resize a float batch ``(B,3,H,W)`` in [0, 1] to ``(B,3,size,size)`` (antialiased), clamped to [0, 1].
+
+    ``center_crop``: resize the short side to ``size`` (the long side to ``int(size * long / short)``)
+    and crop the centre, as torchvision's ``Resize(size)`` + ``CenterCrop(size)``; otherwise squash.
+
+    Example:
+        >>> resize_image(torch.rand(1, 3, 40, 30), 28, "bicubic", center_crop=True).shape
+        torch.Size([1, 3, 28, 28])
+    """
+    height, width = rgb.shape[-2:]
+    if center_crop and height != width:
+        short, long = min(height, width), max(height, width)
+        target = (size, int(size * long / short)) if height < width else (int(size * long / short), size)
+    else:
+        target = (size, size)
+    if tuple(rgb.shape[-2:]) != target:
+        rgb = F.interpolate(rgb, size=target, mode=interpolation, antialias=True, align_corners=False)
+    top, left = int(round((target[0] - size) / 2.0)), int(round((target[1] - size) / 2.0))
+    return rgb[..., top:top + size, left:left + size].clamp(0.0, 1.0)
+
+
 class ImageEncoder(nn.Module):
     """Base class of registered encoders.
 
     Subclasses set ``embed_dim``, ``input_size``, ``mean`` and ``std`` and implement
     :meth:`encode` on preprocessed input; encoders with a spatial token grid also implement
-    :meth:`encode_tokens`. :meth:`forward` checks input, resizes to ``input_size`` (bilinear,
-    antialiased) and normalizes with ``mean``/``std``.
+    :meth:`encode_tokens`. :meth:`forward` checks input, resizes to ``input_size`` (antialiased,
+    ``interpolation`` bilinear or bicubic; with ``center_crop`` the short side is resized and the
+    centre cropped, torchvision's ``Resize(S)`` + ``CenterCrop(S)``, else the image is squashed to
+    ``S×S``), clamps to [0, 1] (what a uint8 PIL resize does) and normalizes with ``mean``/``std``.
 
     Attributes:
         name: registry name it was created under.
@@ -28,6 +53,8 @@ class ImageEncoder(nn.Module):
         input_size: side the images are resized to (None: any size).
         mean: per-channel normalization mean.
         std: per-channel normalization std.
+        interpolation: ``bilinear`` or ``bicubic``.
+        center_crop: resize the short side and crop the centre (True) or squash (False).
     """
 
     name: str = ""
@@ -38,9 +65,14 @@ class ImageEncoder(nn.Module):
         input_size: int | None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        interpolation: str = "bilinear",
+        center_crop: bool = False,
     ) -> None:
         super().__init__()
+        if interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"interpolation: expected bilinear or bicubic, got {interpolation!r}")
         self.embed_dim, self.input_size = int(embed_dim), input_size
+        self.interpolation, self.center_crop = interpolation, bool(center_crop)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -53,8 +85,7 @@ class ImageEncoder(nn.Module):
         rgb, _ = to_float_batch(images, "images")
         rgb = rgb.to(self.mean.device)
         if self.input_size and tuple(rgb.shape[-2:]) != (self.input_size, self.input_size):
-            rgb = F.interpolate(rgb, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
-                                align_corners=False)
+            rgb = resize_image(rgb, self.input_size, self.interpolation, self.center_crop)
         return (rgb - self.mean) / self.std
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -78,4 +109,5 @@ class ImageEncoder(nn.Module):
 
     def describe(self) -> dict:
         return {"name": self.name, "embed_dim": self.embed_dim, "input_size": self.input_size,
-                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(), "tokens": self.has_tokens}
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(), "tokens": self.has_tokens,
+                "interpolation": self.interpolation, "center_crop": self.center_crop}

@@ -66,7 +66,10 @@ class TimmEncoder(ImageEncoder):
         return tokens.flatten(2).transpose(1, 2) if tokens.ndim == 4 else tokens
 
 
-@register_encoder("timm")
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": ((0.5,) * 3, (0.5,) * 3)}
+
+
+@register_encoder("timm", weights_arg="checkpoint_path")
 def timm_encoder(
     arch: str | None = None,
     checkpoint_path: str | Path | None = None,
@@ -74,31 +77,38 @@ def timm_encoder(
     input_size: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    normalization: str = "imagenet",
     strict: bool = True,
     **model_kwargs,
 ) -> ImageEncoder:
     """Any timm architecture with a local checkpoint (``.safetensors``, ``.pth``, ``.bin``).
 
+    The preprocessing is explicit, never borrowed from the architecture's timm hub tag (whose
+    recipe describes timm's own weights, e.g. mean/std 0.5 for ``vit_large_patch16_224``, not a
+    UNI checkpoint's): ``mean``/``std`` if given, else ``normalization`` (``imagenet``, the
+    default; ``inception`` = 0.5/0.5; ``timm`` = the architecture's default ``pretrained_cfg``,
+    the old behaviour); ``input_size`` if given, else the built ViT's ``img_size`` (224 for
+    other networks; ``timm`` normalization: the ``pretrained_cfg`` input size). The published
+    encoders (``uni``, ``uni2-h``, ...) are presets with their recipes built in.
+
     Raises:
-        ValueError: no architecture, unknown architecture, or checkpoint shapes/``embed_dim`` that
-            do not match the architecture.
+        ValueError: no architecture, unknown architecture or normalization, or checkpoint
+            shapes/``embed_dim`` that do not match the architecture.
         FileNotFoundError: the checkpoint is missing.
     """
     import timm
+
+    from genpath.encoders.weights import read_state_dict
 
     if not arch:
         raise ValueError("arch: expected a timm architecture name, got None")
     if arch not in timm.list_models():
         raise ValueError(f"arch: expected a timm architecture, got {arch!r}")
-    path = _require_file(checkpoint_path, "checkpoint_path", "checkpoint file")
+    if normalization not in (*NORMALIZATIONS, "timm"):
+        raise ValueError(f"normalization: expected one of {[*NORMALIZATIONS, 'timm']}, got {normalization!r}")
+    state = read_state_dict(checkpoint_path, "checkpoint_path", "checkpoint file", unwrap=True)
+    path = Path(checkpoint_path)
     model = timm.create_model(arch, pretrained=False, num_classes=0, **model_kwargs)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -118,8 +128,14 @@ def timm_encoder(
     if embed_dim is not None and embed_dim != model.num_features:
         raise ValueError(f"embed_dim: expected {model.num_features} for {arch}, got {embed_dim}")
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    size = input_size or (cfg.get("input_size", (3, 224, 224))[-1])
-    return TimmEncoder(model, size, mean or cfg.get("mean", IMAGENET_MEAN), std or cfg.get("std", IMAGENET_STD))
+    if normalization == "timm":
+        default_mean, default_std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+        default_size = cfg.get("input_size", (3, 224, 224))[-1]
+    else:
+        default_mean, default_std = NORMALIZATIONS[normalization]
+        built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        default_size = built[0] if built else 224
+    return TimmEncoder(model, input_size or default_size, mean or default_mean, std or default_std)
 
 
 class TorchScriptEncoder(ImageEncoder):

@@ -11,7 +11,8 @@ a trust boundary:
 * every weight path it names must be relative and resolve *inside* the folder; anything else
   (``../../etc``, an absolute path) is refused, and the encoder must then be given explicitly;
 * built-in presets (``genpath-small.samples``: the shipped encoder inside the package) need no
-  path at all.
+  path at all; a published preset (``uni2-h``) records its name, its weight path and any
+  architecture overrides, nothing else (its recipe is in :mod:`genpath.encoders.published`).
 
 :func:`save_encoder_reference` keeps folders self-contained: a ``genpath-small`` encoder from
 outside the folder is copied into ``folder/encoder`` (it is small); the shipped encoder is
@@ -56,6 +57,13 @@ def save_encoder_reference(folder: str | Path, name: str, kwargs: dict[str, Any]
     outside path is stored under ``external`` as a hint that loading will not follow.
     """
     folder = Path(folder)
+    for key, value in kwargs.items():
+        try:
+            json.dumps(str(value) if key in _PATH_KEYS and value is not None else value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError(f"encoder kwargs: expected JSON values that encoder.json can record, got {key}={value!r} "
+                             "(layer classes: use a published preset such as 'uni2-h' or 'virchow2', which names "
+                             "them)") from None
     preset = _shipped_preset(name, kwargs)
     if preset is not None:
         return atomic_write_json(folder / "encoder.json", {"name": preset, "kwargs": {}})
