@@ -37,7 +37,19 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """Return the newest complete checkpoint folder of a run, or None."""
+    """Return the newest complete checkpoint folder of a run, or None.
+
+    Raises:
+        ValueError: the run holds checkpoints of the earlier format (accelerate ``save_state``
+            folders without ``state.json``), which this loop cannot resume (one line).
+    """
+    root = Path(output_dir) / "checkpoints"
+    old = sorted(p.name for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+                 and not (p / "state.json").is_file() and (p / "model").is_dir())
+    if old:
+        raise ValueError(f"train.output_dir: expected genpath checkpoints (with state.json) in {root}, got "
+                         f"{len(old)} of the earlier accelerate format ({old[-1]}): use another output_dir, or "
+                         f"keep {old[-1]}/model (a save_pretrained folder) and move the checkpoints away")
     folders = checkpoint_folders(output_dir)
     return folders[-1] if folders else None
 

@@ -144,3 +144,13 @@ def test_gradient_checkpointing_on_a_model_without_it_is_named(tmp_path):
     config.write_text(yaml.safe_dump({"encoder": raw}))
     with pytest.raises(ValueError, match="gradient_checkpointing: expected a model that supports it"):
         run_training("encoder", config, max_steps=1, output_dir=tmp_path / "enc")
+
+
+def test_checkpoints_of_the_earlier_format_are_named_not_silently_restarted(tmp_path):
+    out = tmp_path / "old"
+    old = out / "checkpoints" / "step-000100"
+    (old / "model").mkdir(parents=True)
+    (old / "optimizer.bin").write_bytes(b"accelerate save_state")  # no state.json: the earlier format
+    with pytest.raises(ValueError, match="earlier accelerate format"):
+        run_training("vae", vae_config(tmp_path), max_steps=1, output_dir=out)
+    assert (old / "optimizer.bin").is_file()
