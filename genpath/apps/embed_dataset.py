@@ -35,7 +35,7 @@ class EmbedConfig:
     Attributes:
         dataset: a dataset made by ``genpath tiles``.
         encoder: a registered encoder name, optionally with local weights: ``NAME:WEIGHTS``
-            (``path`` of ``genpath-small``/``torchscript``, ``checkpoint_path`` of ``timm.ARCH``).
+            (``path`` of ``genpath-small``/``torchscript``, ``checkpoint_path`` of ``timm.ARCH`` and the presets).
         batch_size: tiles per encoder call.
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:1``, ``mps``.
         dtype: stored dtype, ``float32`` or ``float16``.

@@ -9,10 +9,16 @@ import typer
 
 from genpath.cli.common import console, user_errors
 
+#: Published families genpath reads without conversion (kept in step with the registries by a test).
+LOADED_DIRECTLY = ("Loaded directly, no conversion: the encoders uni, uni2-h, virchow2, h-optimus-0, "
+                   "h-optimus-1, phikon-v2 and conch-v1.5 (--encoder NAME:FILE, create_encoder(NAME, "
+                   "checkpoint_path=FILE)); the official HistAug releases histaug-conch, -conch_v15, -uni, "
+                   "-virchow2 and -hoptimus1 (augment.load_histaug(DIR), HistAugTransform(DIR)).")
+
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Convert published weights into genpath folders (read weights-only, never downloaded). "
                        "Families: pix2pix (pix2pix / CycleGAN ResnetGenerator, CUT, ASP and BCI generators -> "
-                       "a translator folder for 'genpath translate').")
+                       "a translator folder for 'genpath translate').", epilog=LOADED_DIRECTLY)
 
 Out = Annotated[Path, typer.Option("--out", "-o", help="The genpath folder to write (new or empty).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty --out.")]

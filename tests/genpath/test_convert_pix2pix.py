@@ -375,3 +375,14 @@ def test_convert_help_lists_the_families():
     result = runner.invoke(app, ["convert", "--help"])
     assert result.exit_code == 0 and "pix2pix" in result.output and "CUT" in result.output
     assert "convert" in runner.invoke(app, ["--help"]).output
+
+
+def test_convert_help_names_every_published_family():
+    from genpath.cli.convert import LOADED_DIRECTLY
+    from genpath.encoders.published import RECIPES
+
+    result = runner.invoke(app, ["convert", "--help"], terminal_width=400)
+    assert result.exit_code == 0 and "pix2pix" in result.output
+    for name in RECIPES:  # every encoder preset is named
+        assert name in LOADED_DIRECTLY, name
+    assert "histaug" in LOADED_DIRECTLY and "Loaded directly" in result.output
