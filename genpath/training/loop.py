@@ -187,7 +187,13 @@ def _trim_log(path: Path, step: int) -> None:
         return
     from genpath.utils.atomic import atomic_write_text
 
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by the interruption
+            continue
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -262,7 +268,7 @@ def train_loop(
     sampler = RankBatchSampler(len(dataset), settings.batch_size, rank, world, settings.seed,
                                start=samples_seen)  # type: ignore[arg-type]
     batches = iter(DataLoader(IndexedDataset(dataset), batch_sampler=sampler, num_workers=settings.num_workers,
-                              persistent_workers=settings.num_workers > 0))
+                              persistent_workers=settings.num_workers > 0, pin_memory=torch.cuda.is_available()))
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _trim_log(out / "log.jsonl", step)

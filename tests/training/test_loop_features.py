@@ -95,7 +95,7 @@ def test_interrupted_log_lines_are_not_repeated_on_resume(tmp_path):
     config = vae_config(tmp_path, checkpoint_every=2)
     run_training("vae", config, max_steps=2, output_dir=out)
     with open(out / "log.jsonl", "a") as log:  # a step logged by a run that died before its checkpoint
-        log.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
+        log.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + '{"step": 4, "lo')  # and a line cut short
     run_training("vae", config, max_steps=4, output_dir=out)
     assert [r["step"] for r in log_of(out)] == [1, 2, 3, 4]
     assert log_of(out)[2]["loss"] != 9.0
