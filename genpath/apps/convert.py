@@ -6,6 +6,11 @@
   :class:`~genpath.translation.resnet_generator.ResnetGenerator`, safetensors) that
   ``genpath translate tiles|slides --model OUT`` and ``Translator(OUT)`` run, plus
   ``OUT/conversion.json`` (the source file, its SHA-256, the preset and the architecture).
+* :func:`convert_stainfuser_checkpoint`: the published StainFuser checkpoint (one flat
+  ``encoder.* / conditioner.* / noise_predictor.*`` state dict, ``.safetensors`` or ``.pth``
+  read weights-only) -> a :class:`~genpath.pipelines.stainfuser_published.StainFuserPipeline`
+  folder (``vae/``, ``unet/``, ``controlnet/``, PNDM ``scheduler/``) that
+  ``genpath normalize tiles|slides --method stainfuser --model OUT`` runs, plus ``OUT/conversion.json``.
 
 The folder is written atomically (complete or absent); an existing non-empty ``out`` is
 refused unless ``overwrite``.
@@ -13,6 +18,7 @@ refused unless ``overwrite``.
 Example:
     >>> options = Pix2PixConvertOptions(preset="asp", target_stain="HER2 IHC")
     >>> record = convert_pix2pix_checkpoint("latest_net_G.pth", "asp_her2", options)  # doctest: +SKIP
+    >>> record = convert_stainfuser_checkpoint("checkpoint.safetensors", "stainfuser")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -112,4 +118,39 @@ def convert_pix2pix_checkpoint(src: str | Path, out: str | Path, options: Pix2Pi
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "conversion.json").write_text(json.dumps(record, indent=1, default=str))
     logger.info("converted %s into %s (%s)", src, out, record["generator"])
+    return record
+
+
+def convert_stainfuser_checkpoint(src: str | Path, out: str | Path, unet_config: str | Path | None = None,
+                                  vae_config: str | Path | None = None, scheduler_config: str | Path | None = None,
+                                  overwrite: bool = False) -> dict[str, Any]:
+    """Convert the published StainFuser checkpoint into a genpath ``StainFuserPipeline`` folder.
+
+    Args:
+        src: the released ``.safetensors`` (or ``.pth``, read weights-only; ``module.`` prefixes removed).
+        out: the folder to write.
+        unet_config: a UNet JSON config replacing the shipped SD-2.1-base one (the ControlNet follows it).
+        vae_config: an AutoencoderKL JSON config replacing the shipped one.
+        scheduler_config: a PNDMScheduler JSON config replacing the shipped one.
+        overwrite: replace an existing non-empty ``out``.
+
+    Returns:
+        The record written to ``out/conversion.json``.
+
+    Raises:
+        FileNotFoundError: ``src`` or a config is missing.
+        ValueError: ``out`` is a file or a non-empty folder (without ``overwrite``), a config is bad, or
+            ``src`` is not a weights-only state dict in StainFuser's layout (missing / unexpected keys listed).
+    """
+    from genpath.pipelines.convert_stainfuser import build_stainfuser_pipeline
+
+    src, out = Path(src), Path(out)
+    out = _check_out(src, out, overwrite)
+    pipe, summary = build_stainfuser_pipeline(src, unet_config, vae_config, scheduler_config)
+    record = {"family": "stainfuser", "source": src.name, "sha256": _sha256(src), **summary,
+              "genpath_version": __version__}
+    with atomic_directory(out) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "conversion.json").write_text(json.dumps(record, indent=1, default=str))
+    logger.info("converted %s into %s (%s)", src, out, record["keys"])
     return record

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from genpath.cli.common import console, user_errors
+from genpath.cli.convert_graikos import graikos_ldm
 
 #: Published families genpath reads without conversion (kept in step with the registries by a test).
 LOADED_DIRECTLY = ("Loaded directly, no conversion: the encoders uni, uni2-h, virchow2, h-optimus-0, "
@@ -15,10 +16,19 @@ LOADED_DIRECTLY = ("Loaded directly, no conversion: the encoders uni, uni2-h, vi
                    "checkpoint_path=FILE)); the official HistAug releases histaug-conch, -conch_v15, -uni, "
                    "-virchow2 and -hoptimus1 (augment.load_histaug(DIR), HistAugTransform(DIR)).")
 
+#: One line per family converted by a command below (the group's help lists them).
+FAMILIES = (
+    "pix2pix (pix2pix / CycleGAN ResnetGenerator, CUT, ASP and BCI generators -> a translator folder for "
+    "'genpath translate')",
+    "stainfuser (the published StainFuser checkpoint, SD-2.1-base UNet + ControlNet -> a StainFuserPipeline "
+    "folder for 'genpath normalize --method stainfuser')",
+    "graikos-ldm (Graikos et al. CVPR 2024 CompVis LDM .ckpt + project YAML, VQ-f4 -> an "
+    "EmbeddingToImagePipeline folder for 'genpath synth')",
+)
+
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Convert published weights into genpath folders (read weights-only, never downloaded). "
-                       "Families: pix2pix (pix2pix / CycleGAN ResnetGenerator, CUT, ASP and BCI generators -> "
-                       "a translator folder for 'genpath translate').", epilog=LOADED_DIRECTLY)
+                       f"Families: {'; '.join(FAMILIES)}.", epilog=LOADED_DIRECTLY)
 
 Out = Annotated[Path, typer.Option("--out", "-o", help="The genpath folder to write (new or empty).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty --out.")]
@@ -72,3 +82,36 @@ def pix2pix(
              "batch statistics" if g["batch_stats"] else ""]
     console.print(f"converted {src.name} (ResnetGenerator: {', '.join(p for p in parts if p)}) to {out}; "
                   f"run: genpath translate tiles INPUTS --model {out} --out OUT", highlight=False, soft_wrap=True)
+
+
+@app.command("stainfuser")
+@user_errors
+def stainfuser(
+    src: Annotated[Path, typer.Argument(help="The released checkpoint (.safetensors, or .pth read weights-only).")],
+    out: Out,
+    unet_config: Annotated[Path | None, typer.Option("--unet-config", help="UNet2DConditionModel JSON config "
+                                                     "(default: SD-2.1-base, shipped); the ControlNet follows "
+                                                     "it.")] = None,
+    vae_config: Annotated[Path | None, typer.Option("--vae-config", help="AutoencoderKL JSON config (default: "
+                                                    "SD-2.1-base, shipped).")] = None,
+    scheduler_config: Annotated[Path | None, typer.Option("--scheduler-config", help="PNDMScheduler JSON config "
+                                                          "(default: SD-2.1-base, shipped).")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Convert the published StainFuser checkpoint (encoder.* / conditioner.* / noise_predictor.*) into a folder.
+
+    Every key must be used and every weight filled; missing or unexpected keys are listed.
+
+    Run the result with: genpath normalize tiles|slides INPUTS --method stainfuser --model OUT --target T --out DIR
+    """
+    from genpath.apps.convert import convert_stainfuser_checkpoint
+
+    record = convert_stainfuser_checkpoint(src, out, unet_config=unet_config, vae_config=vae_config,
+                                           scheduler_config=scheduler_config, overwrite=overwrite)
+    keys = ", ".join(f"{name} {n}" for name, n in record["keys"].items())
+    console.print(f"converted {src.name} (StainFuser: {keys} tensors) to {out}; run: genpath normalize tiles "
+                  f"INPUTS --method stainfuser --model {out} --target TARGET --out OUT", highlight=False,
+                  soft_wrap=True)
+
+
+app.command("graikos-ldm")(graikos_ldm)

@@ -21,7 +21,8 @@ app = typer.Typer(cls=LegacyDefaultGroup, no_args_is_help=True, add_completion=F
 Inputs = Annotated[list[str], typer.Argument(help="Files, folders or glob patterns (slides: also CSV slide,mpp).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (inputs are never modified).")]
 Method = Annotated[str | None, typer.Option(help=f"One of the registered methods: {', '.join(available_methods())}.")]
-Model = Annotated[Path | None, typer.Option(help="stainfuser: a StainTransferPipeline folder.")]
+Model = Annotated[Path | None, typer.Option(help="stainfuser: a StainTransferPipeline folder or a StainFuserPipeline "
+                                                 "folder (genpath convert stainfuser).")]
 Target = Annotated[list[str] | None, typer.Option(help="Target image(s) to fit on.")]
 State = Annotated[Path | None, typer.Option(help="A fitted normalizer (.safetensors).")]
 Config = Annotated[Path | None, typer.Option(help="YAML run config (configs/normalize.yaml, normalize_slides.yaml).")]

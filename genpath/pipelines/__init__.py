@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from genpath.pipelines.mask_to_image import MaskToImagePipeline, MaskToImagePipelineOutput, export_controlnet
     from genpath.pipelines.stain_transfer import StainTransferPipeline, StainTransferPipelineOutput
     from genpath.pipelines.stainfuser_normalizer import StainFuserNormalizer
+    from genpath.pipelines.stainfuser_published import StainFuserPipeline, StainFuserPipelineOutput
     from genpath.pipelines.translator import Translator
 
 _MODULES = {
@@ -43,6 +44,7 @@ _MODULES = {
     "mask_to_image": ("MaskToImagePipeline", "MaskToImagePipelineOutput", "export_controlnet"),
     "stain_transfer": ("StainTransferPipeline", "StainTransferPipelineOutput"),
     "stainfuser_normalizer": ("StainFuserNormalizer",),
+    "stainfuser_published": ("StainFuserPipeline", "StainFuserPipelineOutput"),
     "translator": ("Translator",),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}
@@ -60,6 +62,8 @@ __all__ = [
     "MaskToImagePipeline",
     "MaskToImagePipelineOutput",
     "StainFuserNormalizer",
+    "StainFuserPipeline",
+    "StainFuserPipelineOutput",
     "StainTransferPipeline",
     "StainTransferPipelineOutput",
     "Translator",

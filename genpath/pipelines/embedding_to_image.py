@@ -7,12 +7,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel, VQModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from genpath.models.conditioning import EmbeddingProjector
+from genpath.models.linear_projector import LinearEmbeddingProjector
 from genpath.models.vae import decode_tiled, downsampling_factor
 from genpath.pipelines.checks import MAX_GUIDANCE, check_conditioning, check_number, check_size, check_steps
 from genpath.pipelines.loading import GenpathPipelineMixin
@@ -63,9 +64,9 @@ class EmbeddingToImagePipeline(GenpathPipelineMixin, DiffusionPipeline):
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | VQModel,
         unet: UNet2DConditionModel,
-        projector: EmbeddingProjector,
+        projector: EmbeddingProjector | LinearEmbeddingProjector,
         scheduler: KarrasDiffusionSchedulers,
     ) -> None:
         super().__init__()
