@@ -27,7 +27,13 @@
    shard folders into what an unsharded run writes. ``executor="dask"`` runs ``workers`` shards
    on a dask cluster and merges them.
 
-The pipeline loads with ``EmbeddingToImagePipeline.from_pretrained`` (genpath's one loading path).
+The pipeline loads with ``EmbeddingToImagePipeline.from_pretrained`` (genpath's one loading path),
+or, for a published PixCell folder (``model_index.json`` naming ``PixCellPipeline``), with
+:class:`~genpath.pipelines.pixcell.PixCellPipeline` and the SD3.5 VAE given as ``vae``
+(:func:`load_synth_pipeline`). Reference images are embedded with ``encoder`` (a registered
+encoder, ``NAME[:WEIGHTS]``, e.g. ``uni2-h:models/uni2-h/pytorch_model.bin``) or, without it, the
+encoder the folder's ``encoder.json`` records; PixCell-1024 embeds the 4x4 row-major grid of
+256-px crops of each 1024-px reference, and takes ``(N, 16, D)`` arrays from ``embeddings``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +54,7 @@ from genpath.encoders.base import ImageEncoder
 from genpath.encoders.reference import load_encoder_reference
 from genpath.pipelines.checks import MAX_GUIDANCE, check_number
 from genpath.pipelines.embedding_to_image import EmbeddingToImagePipeline
-from genpath.pipelines.loading import check_pretrained_folder
+from genpath.pipelines.loading import check_pretrained_folder, pipeline_class_name
 from genpath.synth_shards import (
     LOAD_LOCK,
     RUN_FILE,
@@ -118,6 +125,8 @@ class SynthConfig:
     executor: str = "local"
     workers: int = 1
     scheduler: str | None = None
+    vae: str | None = None
+    encoder: str | None = None
 
     def __post_init__(self) -> None:
         if bool(self.from_images) == bool(self.embeddings):
@@ -133,27 +142,79 @@ class SynthConfig:
         check_executor(self.executor, self.workers, self.shard, self.scheduler)
 
 
-def pipeline_encoder(model: str | Path, allow_code: bool = False) -> ImageEncoder:
-    """Create the encoder recorded in the pipeline's ``encoder.json`` (with a hint when there is none).
+def pipeline_encoder(model: str | Path, allow_code: bool = False, encoder: str | None = None) -> ImageEncoder:
+    """Create ``encoder`` (a registered ``NAME[:WEIGHTS]``), else the one the pipeline's ``encoder.json`` records.
 
     ``allow_code`` lets a TorchScript encoder named by the folder run (``--trust-model-code``).
     """
+    if encoder is not None:
+        from genpath.apps.embed_dataset import build_encoder
+
+        return build_encoder(encoder)[2].eval()
     try:
         return load_encoder_reference(model, allow_code=allow_code)
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{error}; pass --embeddings FILE.npy instead") from error
+        raise FileNotFoundError(f"{error}; pass --encoder NAME:WEIGHTS (uni2-h:PATH for PixCell) or "
+                                "--embeddings FILE.npy instead") from error
 
 
-def load_embeddings(path: str | Path, name: str = "embeddings") -> np.ndarray:
-    """Read conditions ``(N,D)`` as float32 from a ``.npy`` file, never unpickling anything.
+def load_synth_pipeline(model: str | Path, vae: str | None = None) -> Any:
+    """Load the pipeline of ``model``: a PixCell folder (with the SD3.5 ``vae``) or an EmbeddingToImagePipeline.
+
+    Raises:
+        FileNotFoundError / ValueError: one line naming ``model`` or ``vae`` (a PixCell folder without
+            ``vae``, a ``vae`` for a genpath pipeline, a ControlNet folder without ``--masks``).
+    """
+    folder = check_pretrained_folder(model, "model", "EmbeddingToImagePipeline or PixCell folder")
+    name = pipeline_class_name(folder)
+    if name == "PixCellControlNetPipeline":
+        raise ValueError(f"model: expected a PixCell or EmbeddingToImagePipeline folder, got the PixCell ControlNet "
+                         f"{folder} (use it with --masks)")
+    with LOAD_LOCK:
+        if name == "PixCellPipeline":
+            from genpath.pipelines.pixcell import PixCellPipeline
+
+            return PixCellPipeline.from_pretrained(folder, vae=vae)
+        if vae is not None:
+            raise ValueError(f"vae: expected only with a PixCell folder (the SD3.5 VAE it lacks), got {vae} for "
+                             f"{name or 'a pipeline'} in {folder}")
+        return EmbeddingToImagePipeline.from_pretrained(folder)
+
+
+def pipeline_size(pipe: Any) -> int:
+    """Default output side of a pipeline in pixels (its denoiser's sample size x the VAE factor)."""
+    return getattr(pipe, "default_size", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def check_pipeline_embeddings(pipe: Any, embeddings: torch.Tensor, name: str = "embeddings") -> None:
+    """Raise the pipeline's one-line ``ValueError`` for conditions of the wrong shape."""
+    if hasattr(pipe, "check_embeddings"):
+        pipe.check_embeddings(embeddings, name)
+    else:
+        pipe.projector.check_embeddings(embeddings, name)
+
+
+def condition_encoder(pipe: Any, encoder: Any) -> Any:
+    """Wrap an image encoder so it yields what ``pipe`` is conditioned on (PixCell: ``(B, T, D)`` crop tokens)."""
+    num_tokens = getattr(pipe, "num_tokens", None)
+    if num_tokens is None:
+        return encoder
+    from genpath.pipelines.pixcell import pixcell_tokens
+
+    return lambda images: pixcell_tokens(encoder, images, num_tokens)
+
+
+def load_embeddings(path: str | Path, name: str = "embeddings", ndims: tuple[int, ...] = (2,)) -> np.ndarray:
+    """Read conditions ``(N,D)`` (or ``(N,T,D)`` when ``3 in ndims``) as float32 from a ``.npy`` file, never unpickling.
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
-        ValueError: one line naming ``name``: unreadable, empty, not numeric, not 2-D, more than
-            :data:`MAX_SAMPLES` rows, or NaN/inf (also after the conversion to float32).
+        ValueError: one line naming ``name``: unreadable, empty, not numeric, of another rank, more
+            than :data:`MAX_SAMPLES` rows, or NaN/inf (also after the conversion to float32).
     """
     path = Path(path)
-    expected = f"{name}: expected a .npy file holding a non-empty (N,D) array of finite numbers"
+    shapes = " or ".join({2: "(N,D)", 3: "(N,T,D)"}[n] for n in ndims)
+    expected = f"{name}: expected a .npy file holding a non-empty {shapes} array of finite numbers"
     if not path.is_file():
         raise FileNotFoundError(f"{expected}, got {path} (missing)")
     with open(path, "rb") as handle:
@@ -167,7 +228,7 @@ def load_embeddings(path: str | Path, name: str = "embeddings") -> np.ndarray:
         raise ValueError(f"{expected}, got {path} ({type(error).__name__}: {first})") from None
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise ValueError(f"{expected}, got dtype {array.dtype} in {path}")
-    if array.ndim != 2 or 0 in array.shape:
+    if array.ndim not in ndims or 0 in array.shape:
         raise ValueError(f"{expected}, got shape {array.shape} in {path}")
     if not array.shape[0] <= MAX_SAMPLES:
         raise ValueError(f"{name}: expected at most {MAX_SAMPLES} rows, got {array.shape[0]} in {path}")
@@ -220,17 +281,16 @@ def embed_images(encoder: ImageEncoder, files: list[Path], name: str
     return torch.cat(embeddings), names, failed
 
 
-def _conditions(cfg: SynthConfig, pipe: EmbeddingToImagePipeline
-                ) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
+def _conditions(cfg: SynthConfig, pipe: Any) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
     if cfg.embeddings:
-        embeddings = torch.from_numpy(load_embeddings(cfg.embeddings))
+        embeddings = torch.from_numpy(load_embeddings(cfg.embeddings, ndims=(2, 3)))
         check_total(len(embeddings), cfg.n_per_condition)
-        pipe.projector.check_embeddings(embeddings, "embeddings")
+        check_pipeline_embeddings(pipe, embeddings)
         return embeddings, [f"{Path(cfg.embeddings).name}[{i}]" for i in range(len(embeddings))], []
     files = list_images(cfg.from_images, "from_images")
     check_total(len(files), cfg.n_per_condition)  # before any image is read
-    encoder = pipeline_encoder(cfg.model, allow_code=cfg.trust_model_code)
-    return embed_images(encoder, files, "from_images")
+    encoder = pipeline_encoder(cfg.model, allow_code=cfg.trust_model_code, encoder=cfg.encoder)
+    return embed_images(condition_encoder(pipe, encoder), files, "from_images")
 
 
 def files_fingerprint(paths: Iterable[str | Path]) -> str:
@@ -267,14 +327,13 @@ def batches(n_total: int | range, done: set[int], batch_size: int) -> Iterable[l
         yield ids
 
 
-def _plan(cfg: SynthConfig) -> tuple[EmbeddingToImagePipeline, torch.Tensor, list[str], list[tuple[str, str]],
-                                     int, dict]:
+def _plan(cfg: SynthConfig) -> tuple[Any, torch.Tensor, list[str], list[tuple[str, str]], int, dict]:
     """Load the pipeline and the conditions, check everything; the settings that decide the samples."""
-    folder = check_pretrained_folder(cfg.model, "model", "EmbeddingToImagePipeline folder")
+    folder = check_pretrained_folder(cfg.model, "model", "EmbeddingToImagePipeline or PixCell folder")
+    pipe = load_synth_pipeline(folder, cfg.vae)
     with LOAD_LOCK:
-        pipe = EmbeddingToImagePipeline.from_pretrained(folder)
         embeddings, sources, failed_inputs = _conditions(cfg, pipe)
-    size = cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = cfg.size or pipeline_size(pipe)
     pipe.check_inputs(embeddings, size, size, cfg.steps, cfg.guidance, "pt")  # fail before any compute
     out = Path(cfg.out)
     inputs = [cfg.embeddings] if cfg.embeddings else sources
@@ -282,8 +341,19 @@ def _plan(cfg: SynthConfig) -> tuple[EmbeddingToImagePipeline, torch.Tensor, lis
     settings = {"command": "synth", "model": str(folder.resolve()), "model_config": model_fingerprint(folder, out),
                 "conditions": files_fingerprint(inputs), "n_conditions": len(sources),
                 "n_per_condition": cfg.n_per_condition, "seed": cfg.seed, "steps": cfg.steps,
-                "guidance": cfg.guidance, "size": size, "output_format": cfg.output_format}
+                "guidance": cfg.guidance, "size": size, "output_format": cfg.output_format,
+                **component_settings(cfg.vae, cfg.encoder)}
     return pipe, embeddings, sources, failed_inputs, size, settings
+
+
+def component_settings(vae: str | None, encoder: str | None) -> dict[str, str]:
+    """Return what ``run.json`` records of a given VAE (path, config fingerprint) and encoder (only those given)."""
+    settings = {}
+    if vae is not None:
+        settings.update(vae=str(Path(vae).resolve()), vae_config=model_fingerprint(vae))
+    if encoder is not None:
+        settings["encoder"] = encoder
+    return settings
 
 
 def synth_plan(cfg: SynthConfig) -> tuple[dict, int]:

@@ -23,7 +23,9 @@
 6. Scale: ``shard`` and ``executor="dask"`` as in :mod:`genpath.synth` (:mod:`genpath.synth_shards`).
 
 The pipeline loads with ``MaskToImagePipeline.from_pretrained`` (a full pipeline folder or a
-ControlNet folder with ``base.json``).
+ControlNet folder with ``base.json``), or, for PixCell's cell-mask ControlNet folder
+(``PixCellControlNetPipeline``), with :class:`~genpath.pipelines.pixcell_controlnet.PixCellControlNetPipeline`
+and the SD3.5 VAE given as ``vae``; style images are then embedded with ``encoder`` (``uni2-h:PATH``).
 """
 
 from __future__ import annotations
@@ -32,15 +34,15 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from genpath.encoders.reference import load_encoder_reference
 from genpath.io.images import write_image
 from genpath.masks import check_masks
 from genpath.pipelines.checks import MAX_CONDITIONING_SCALE, MAX_GUIDANCE, check_number, check_size
-from genpath.pipelines.loading import check_pretrained_folder
+from genpath.pipelines.loading import check_pretrained_folder, pipeline_class_name
 from genpath.pipelines.mask_to_image import MaskToImagePipeline
 from genpath.synth import (
     MAX_BATCH_SIZE,
@@ -49,10 +51,13 @@ from genpath.synth import (
     check_count,
     check_seed,
     check_total,
+    component_settings,
+    condition_encoder,
     embed_images,
     files_fingerprint,
     list_images,
     model_fingerprint,
+    pipeline_encoder,
 )
 from genpath.synth_shards import (
     LOAD_LOCK,
@@ -97,6 +102,8 @@ class MaskSynthConfig:
     executor: str = "local"
     workers: int = 1
     scheduler: str | None = None
+    vae: str | None = None
+    encoder: str | None = None
 
     def __post_init__(self) -> None:
         if self.output_format not in ("zarr", "png"):
@@ -229,8 +236,7 @@ def _plan(cfg: MaskSynthConfig) -> tuple:
     """Load the pipeline, masks and styles, check everything; the settings that decide the samples."""
     folder = check_pretrained_folder(cfg.model, "model", "MaskToImagePipeline or ControlNet folder")
     base = check_pretrained_folder(cfg.base, "base", "EmbeddingToImagePipeline folder") if cfg.base else None
-    with LOAD_LOCK:
-        pipe = MaskToImagePipeline.from_pretrained(folder, **({"base": base} if base else {}))
+    pipe = load_mask_pipeline(folder, base, cfg.vae)
     if cfg.tile is not None:
         check_size(cfg.tile, "tile", pipe.vae_scale_factor)
     mask_failures: list[tuple[str, str]] = []
@@ -246,8 +252,8 @@ def _plan(cfg: MaskSynthConfig) -> tuple:
     if cfg.style_from:
         files = list_images(cfg.style_from, "style_from")
         with LOAD_LOCK:
-            encoder = load_encoder_reference(folder, allow_code=cfg.trust_model_code)
-        styles, style_names, style_failures = embed_images(encoder, files, "style_from")
+            encoder = pipeline_encoder(folder, allow_code=cfg.trust_model_code, encoder=cfg.encoder)
+        styles, style_names, style_failures = embed_images(condition_encoder(pipe, encoder), files, "style_from")
     out = Path(cfg.out)
     check_inputs_outside(out, [cfg.masks], "masks")
     check_inputs_outside(out, style_names + [p for p, _ in style_failures], "style_from")
@@ -256,8 +262,25 @@ def _plan(cfg: MaskSynthConfig) -> tuple:
                 "base": str(base.resolve()) if base else None,
                 "n_masks": len(masks), "style": files_fingerprint(style_names), "n_styles": len(style_names),
                 "n_per_condition": cfg.n_per_mask, "seed": cfg.seed, "steps": cfg.steps, "guidance": cfg.guidance,
-                "controlnet_scale": cfg.controlnet_scale, "tile": cfg.tile, "output_format": cfg.output_format}
+                "controlnet_scale": cfg.controlnet_scale, "tile": cfg.tile, "output_format": cfg.output_format,
+                **component_settings(cfg.vae, cfg.encoder)}
     return pipe, masks, (styles, style_names), (mask_failures, style_failures), (h, w), settings
+
+
+def load_mask_pipeline(folder: Path, base: Path | None = None, vae: str | None = None) -> Any:
+    """Load a MaskToImagePipeline (or ControlNet + ``base``) folder, or PixCell's cell-mask ControlNet with ``vae``."""
+    with LOAD_LOCK:
+        if pipeline_class_name(folder) == "PixCellControlNetPipeline":
+            if base is not None:
+                raise ValueError(f"base: expected only with a genpath ControlNet folder, got one for the PixCell "
+                                 f"ControlNet {folder} (it holds its own transformer)")
+            from genpath.pipelines.pixcell_controlnet import PixCellControlNetPipeline
+
+            return PixCellControlNetPipeline.from_pretrained(folder, vae=vae)
+        if vae is not None:
+            raise ValueError(f"vae: expected only with a PixCell ControlNet folder (the SD3.5 VAE it lacks), got {vae} "
+                             f"for {folder}")
+        return MaskToImagePipeline.from_pretrained(folder, **({"base": base} if base else {}))
 
 
 def mask_synth_plan(cfg: MaskSynthConfig) -> tuple[dict, int]:

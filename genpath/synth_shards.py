@@ -44,6 +44,8 @@ RUN_FILE = "run.json"
 RUN_CREATOR = "genpath synth"
 RUN_FILES = ("manifest.csv", "embeddings.npy", RUN_FILE)
 RUN_STORES = ("images.zarr", "pairs.zarr")
+#: the per-sample arrays of those stores (one chunk per sample), merged shard by shard
+SAMPLE_ARRAYS = ("images", "instances", "types")
 #: file names a synth run writes in ``OUT/images`` and ``OUT/masks`` (and their hidden temporaries)
 RUN_SAMPLES = {"images": r"(?:cond\d{5,}_\d{3,}|\d{6,})\.png", "masks": r"\d{6,}\.npz"}
 _TEMPORARY = r"\.(?:{})\.[A-Za-z0-9_]+\.(?:png|npz|csv|npy|json)"
@@ -371,7 +373,7 @@ def _merge_zarr(parts: list[tuple[Path, range]], target: Path, total: int, block
     sources = [(zarr.open_group(str(path), mode="r"), ids) for path, ids in parts]
     group = zarr.open_group(str(target), mode="a")
     for name, array in sources[0][0].arrays():
-        if array.ndim < 3 or array.chunks[0] != 1:  # condition, seed, embeddings: the same in every shard
+        if name not in SAMPLE_ARRAYS:  # condition, seed, embeddings ((N,D) or (N,T,D)): the same in every shard
             group.create_array(name, data=array[...], overwrite=True)
             continue
         merged = group.create_array(name, shape=array.shape, chunks=array.chunks, dtype=array.dtype, overwrite=True)

@@ -1,9 +1,13 @@
 """``genpath synth-large``: one large image from a grid of embeddings (a real region's, or given).
 
-1. Load the EmbeddingToImagePipeline (and, for ``from_region``, the encoder it was trained with).
-2. Build the embedding grid: load ``(gh, gw, D)`` from ``.npy``, or embed the region's tiles.
-3. Sample the canvas (:func:`genpath.pipelines.large_image.generate_large_image`, ``shifted`` or
-   ``overlap`` windows) and write the PNG and a JSON report beside it, atomically.
+1. Load the EmbeddingToImagePipeline, or a published PixCell folder with the SD3.5 ``vae``
+   (:func:`genpath.synth.load_synth_pipeline`), and, for ``from_region``, the encoder (``encoder``
+   ``NAME[:WEIGHTS]``, e.g. ``uni2-h:PATH`` for PixCell, else the folder's ``encoder.json``).
+2. Build the embedding grid: load ``(gh, gw, D)`` from ``.npy``, or embed the region's tiles
+   (one per tile of the UNet's size; for PixCell one per 256-px cell, its UNI2-h token size).
+3. Sample the canvas (:func:`genpath.pipelines.large_image.generate_large_image`, or
+   :func:`genpath.pipelines.pixcell_large.generate_large_pixcell`; ``shifted`` or ``overlap``
+   windows) and write the PNG and a JSON report beside it, atomically.
 
 ``out`` is never a file genpath did not write: an existing ``out`` or ``out.json`` is replaced
 only when that JSON records ``"created_by": "genpath synth-large"`` (a previous result; the
@@ -63,6 +67,8 @@ def synth_large_image(
     guidance: float = 2.0,
     steps: int = 25,
     trust_model_code: bool = False,
+    vae: str | Path | None = None,
+    encoder: str | None = None,
 ) -> dict[str, Any]:
     """Generate one large image into ``out`` (PNG) and ``out.with_suffix('.json')``; returns the report.
 
@@ -71,17 +77,17 @@ def synth_large_image(
             tile, or ``out`` (or its ``.json``) naming an input or an existing file that is not a
             previous synth-large result.
     """
-    from genpath.pipelines import EmbeddingToImagePipeline
     from genpath.pipelines.large_image import generate_large_image, seam_score
-    from genpath.synth import pipeline_encoder
+    from genpath.synth import load_synth_pipeline, pipeline_encoder
 
     out = Path(out)
     if (from_region is None) == (embeddings is None):
         raise ValueError("from_region: expected exactly one of --from-region or --embeddings, got "
                          f"{'both' if from_region is not None else 'neither'}")
     check_large_output(out, (from_region, embeddings))
-    pipe = EmbeddingToImagePipeline.from_pretrained(model)
-    tile = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe = load_synth_pipeline(model, None if vae is None else str(vae))
+    pixcell = hasattr(pipe, "transformer")
+    tile = pipe.cell_size if pixcell else pipe.unet.config.sample_size * pipe.vae_scale_factor
     if embeddings is not None:
         grid = torch.as_tensor(np.load(embeddings, allow_pickle=False), dtype=torch.float32)
     else:
@@ -92,8 +98,12 @@ def synth_large_image(
         tiles = image[:, : gh * tile, : gw * tile].unfold(1, tile, tile).unfold(2, tile, tile)
         tiles = tiles.permute(1, 2, 0, 3, 4).reshape(gh * gw, 3, tile, tile)
         with torch.no_grad():
-            grid = pipeline_encoder(model, allow_code=trust_model_code)(tiles).reshape(gh, gw, -1)
-    result = generate_large_image(pipe, grid, steps, guidance, torch.Generator().manual_seed(seed), mode=mode)
+            grid = pipeline_encoder(model, allow_code=trust_model_code, encoder=encoder)(tiles).reshape(gh, gw, -1)
+    if pixcell:
+        from genpath.pipelines.pixcell_large import generate_large_pixcell as generate
+    else:
+        generate = generate_large_image
+    result = generate(pipe, grid, steps, guidance, torch.Generator().manual_seed(seed), mode=mode)
     # the marker first: a run killed while writing the image leaves a result the next run may replace
     atomic_write_json(out.with_suffix(".json"), {"created_by": MARKER, "status": "writing", "seed": seed,
                                                  "steps": steps, "guidance": guidance, "mode": mode})

@@ -14,7 +14,8 @@ from genpath.cli.convert_graikos import graikos_ldm
 LOADED_DIRECTLY = ("Loaded directly, no conversion: the encoders uni, uni2-h, virchow2, h-optimus-0, "
                    "h-optimus-1, phikon-v2 and conch-v1.5 (--encoder NAME:FILE, create_encoder(NAME, "
                    "checkpoint_path=FILE)); the official HistAug releases histaug-conch, -conch_v15, -uni, "
-                   "-virchow2 and -hoptimus1 (augment.load_histaug(DIR), HistAugTransform(DIR)).")
+                   "-virchow2 and -hoptimus1 (augment.load_histaug(DIR), HistAugTransform(DIR)); PixCell-256, "
+                   "PixCell-1024 and PixCell-256-Cell-ControlNet (genpath synth --model DIR --vae SD3.5_VAE).")
 
 #: One line per family converted by a command below (the group's help lists them).
 FAMILIES = (

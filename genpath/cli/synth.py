@@ -19,8 +19,8 @@ def _report(rows: list[dict], what: str, inputs: tuple[str, ...]) -> None:
 
 @user_errors
 def synth(
-    model: Annotated[Path, typer.Option(help="EmbeddingToImagePipeline folder (or a MaskToImagePipeline with "
-                                             "--masks).")],
+    model: Annotated[Path, typer.Option(help="EmbeddingToImagePipeline or PixCell folder (with --masks: a "
+                                             "MaskToImagePipeline or PixCell ControlNet folder).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     from_images: Annotated[list[str] | None, typer.Option(help="Real images to make variations of.")] = None,
     embeddings: Annotated[Path | None, typer.Option(help="Conditions as an (N,D) .npy file.")] = None,
@@ -39,6 +39,12 @@ def synth(
                                                   "of the VAE factor).")] = None,
     base: Annotated[Path | None, typer.Option(help="--masks: the base EmbeddingToImagePipeline of a ControlNet "
                                                    "folder (checked against its base.json fingerprint).")] = None,
+    vae: Annotated[Path | None, typer.Option(help="PixCell: the SD3.5 VAE folder (the vae/ subfolder of "
+                                                  "stabilityai/stable-diffusion-3.5-large), which PixCell's folders "
+                                                  "do not include.")] = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder for reference/style images, NAME[:WEIGHTS] (PixCell: "
+                                                     "uni2-h:PATH/pytorch_model.bin); default: the model folder's "
+                                                     "encoder.json.")] = None,
     trust_model_code: Annotated[bool, typer.Option(help="Let the model folder's encoder.json name a TorchScript "
                                                         "encoder, which runs code from that folder. Only for "
                                                         "folders you trust.")] = False,
@@ -63,11 +69,16 @@ def synth(
     With ``--masks``: (image, mask) pairs from a MaskToImagePipeline, one or more per mask
     (``--n-per-condition``), to OUT/pairs.zarr or OUT/images + OUT/masks.
 
+    Published PixCell folders (PixCell-256, PixCell-1024, PixCell-256-Cell-ControlNet) run with
+    ``--vae`` (the SD3.5 VAE) and UNI2-h conditions: ``--embeddings`` ((N,1536), or (N,16,1536)
+    for PixCell-1024) or ``--from-images`` / ``--style-from`` with ``--encoder uni2-h:PATH``.
+
     At scale: ``--shard I/N`` writes part I of N (same per-sample seeds, so the merged shards
     equal an unsharded run), ``genpath synth-merge`` merges them; ``--executor dask --workers N``
     does both on a dask cluster.
     """
-    scale = {"shard": shard, "executor": executor, "workers": workers, "scheduler": scheduler}
+    scale = {"shard": shard, "executor": executor, "workers": workers, "scheduler": scheduler,
+             "vae": str(vae) if vae else None, "encoder": encoder}
     if masks is not None:
         from genpath.synth_masks import MaskSynthConfig, run_mask_synth
 
@@ -111,7 +122,7 @@ def synth_merge(
 
 @user_errors
 def synth_large(
-    model: Annotated[Path, typer.Option(help="EmbeddingToImagePipeline folder.")],
+    model: Annotated[Path, typer.Option(help="EmbeddingToImagePipeline or PixCell folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG (a new file or a previous synth-large "
                                                           "result; its .json beside it).")],
     from_region: Annotated[Path | None, typer.Option(help="A real image whose tile embeddings lay out the "
@@ -123,10 +134,21 @@ def synth_large(
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
     trust_model_code: Annotated[bool, typer.Option(help="Let the model folder's encoder.json name a TorchScript "
                                                         "encoder (runs code; trusted folders only).")] = False,
+    vae: Annotated[Path | None, typer.Option(help="PixCell: the SD3.5 VAE folder (the vae/ subfolder of "
+                                                  "stabilityai/stable-diffusion-3.5-large), which PixCell's folders "
+                                                  "do not include.")] = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder for reference/style images, NAME[:WEIGHTS] (PixCell: "
+                                                     "uni2-h:PATH/pytorch_model.bin); default: the model folder's "
+                                                     "encoder.json.")] = None,
 ) -> None:
-    """Assemble a large image from a grid of embeddings (a real region's, or given); writes PNG + JSON."""
+    """Assemble a large image from a grid of embeddings (a real region's, or given); writes PNG + JSON.
+
+    PixCell: ``--vae`` (the SD3.5 VAE); the grid holds one UNI2-h embedding per 256-px cell
+    (``--from-region`` with ``--encoder uni2-h:PATH``), for PixCell-256 and PixCell-1024 alike.
+    """
     from genpath.apps.synth_large import synth_large_image
 
     report = synth_large_image(model, out, from_region=from_region, embeddings=embeddings, mode=mode, seed=seed,
-                               guidance=guidance, steps=steps, trust_model_code=trust_model_code)
+                               guidance=guidance, steps=steps, trust_model_code=trust_model_code, vae=vae,
+                               encoder=encoder)
     console.print(f"wrote {out}: {report}", highlight=False)

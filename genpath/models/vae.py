@@ -3,6 +3,18 @@
 genpath trains a small KL autoencoder on tiles (``genpath train vae``); users can point to any
 diffusers VAE folder they hold (``AutoencoderKL.from_pretrained(path)``). Tiled coding uses
 diffusers' own ``enable_tiling`` machinery (overlapping tiles, linear blending of overlaps).
+
+Latents are scaled the way diffusers' SD3/Flux pipelines (and PixCell) scale them: both
+``shift_factor`` and ``scaling_factor`` of the VAE config are honoured,
+``latents = (z - shift_factor) * scaling_factor`` and ``z = latents / scaling_factor + shift_factor``
+(``shift_factor`` None or absent counts as 0, so 4-channel SD-style VAEs are unchanged).
+
+Example:
+    >>> vae = build_vae(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+    ...                 up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, shift_factor=0.25,
+    ...                 scaling_factor=2.0)
+    >>> latent_scaling(vae)
+    (2.0, 0.25)
 """
 
 from __future__ import annotations
@@ -48,6 +60,12 @@ def downsampling_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def latent_scaling(vae: AutoencoderKL) -> tuple[float, float]:
+    """``(scaling_factor, shift_factor)`` of a VAE (a missing or None ``shift_factor`` is 0)."""
+    shift = getattr(vae.config, "shift_factor", None)
+    return float(vae.config.scaling_factor), float(shift) if shift is not None else 0.0
+
+
 def _check_size(vae: AutoencoderKL, h: int, w: int, name: str) -> None:
     f = downsampling_factor(vae)
     if h % f or w % f:
@@ -73,7 +91,8 @@ def encode_tiled(
     """Encode images to scaled latents (posterior mean unless ``sample``), tiled when larger than ``tile``.
 
     Shape:
-        images ``(B,3,H,W)`` uint8 or float in [0, 1] → latents ``(B,C,H/f,W/f)`` times ``scaling_factor``.
+        images ``(B,3,H,W)`` uint8 or float in [0, 1] → latents ``(B,C,H/f,W/f)``, ``(z - shift_factor) *
+        scaling_factor``.
     """
     rgb, _ = to_float_batch(images, "images")
     _check_size(vae, rgb.shape[-2], rgb.shape[-1], "images")
@@ -81,11 +100,22 @@ def encode_tiled(
     _set_tiling(vae, tile, max(x.shape[-2:]))
     dist = vae.encode(x).latent_dist
     latents = dist.sample(generator) if sample else dist.mean
-    return latents * vae.config.scaling_factor
+    scale, shift = latent_scaling(vae)
+    return (latents - shift) * scale
 
 
 def decode_tiled(vae: AutoencoderKL, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
-    """Decode scaled latents to float images in [0, 1], tiled (blended) when larger than ``tile`` pixels."""
-    _set_tiling(vae, tile, max(latents.shape[-2:]) * downsampling_factor(vae))
-    out = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    """Decode scaled latents (``z = latents / scaling_factor + shift_factor``) to float images in [0, 1].
+
+    Tiled (blended) when larger than ``tile`` pixels.
+    """
+    scale, shift = latent_scaling(vae)
+    z = latents.to(vae.device, vae.dtype) / scale + shift
+    if not hasattr(vae, "tiled_decode"):  # diffusers' VQModel (Graikos et al.) has no tiling of its own
+        from genpath.models.vq import vq_decode_tiled
+
+        out = vq_decode_tiled(vae, z, tile) if tile else vae.decode(z).sample
+    else:
+        _set_tiling(vae, tile, max(latents.shape[-2:]) * downsampling_factor(vae))
+        out = vae.decode(z).sample
     return ((out.float() + 1) / 2).clamp(0, 1)

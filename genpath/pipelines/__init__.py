@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from genpath.pipelines.large_image import LargeImagePipelineOutput, generate_large_image, seam_score
     from genpath.pipelines.loading import GenpathPipelineMixin, check_pretrained_folder
     from genpath.pipelines.mask_to_image import MaskToImagePipeline, MaskToImagePipelineOutput, export_controlnet
+    from genpath.pipelines.pixcell import PixCellPipeline, PixCellPipelineOutput, pixcell_tokens
+    from genpath.pipelines.pixcell_controlnet import PixCellControlNet, PixCellControlNetPipeline
+    from genpath.pipelines.pixcell_large import generate_large_pixcell
     from genpath.pipelines.stain_transfer import StainTransferPipeline, StainTransferPipelineOutput
     from genpath.pipelines.stainfuser_normalizer import StainFuserNormalizer
     from genpath.pipelines.stainfuser_published import StainFuserPipeline, StainFuserPipelineOutput
@@ -42,6 +45,9 @@ _MODULES = {
     "large_image": ("LargeImagePipelineOutput", "generate_large_image", "seam_score"),
     "loading": ("GenpathPipelineMixin", "check_pretrained_folder"),
     "mask_to_image": ("MaskToImagePipeline", "MaskToImagePipelineOutput", "export_controlnet"),
+    "pixcell": ("PixCellPipeline", "PixCellPipelineOutput", "pixcell_tokens"),
+    "pixcell_controlnet": ("PixCellControlNet", "PixCellControlNetPipeline"),
+    "pixcell_large": ("generate_large_pixcell",),
     "stain_transfer": ("StainTransferPipeline", "StainTransferPipelineOutput"),
     "stainfuser_normalizer": ("StainFuserNormalizer",),
     "stainfuser_published": ("StainFuserPipeline", "StainFuserPipelineOutput"),
@@ -61,6 +67,10 @@ __all__ = [
     "LatentTranslationPipelineOutput",
     "MaskToImagePipeline",
     "MaskToImagePipelineOutput",
+    "PixCellControlNet",
+    "PixCellControlNetPipeline",
+    "PixCellPipeline",
+    "PixCellPipelineOutput",
     "StainFuserNormalizer",
     "StainFuserPipeline",
     "StainFuserPipelineOutput",
@@ -70,6 +80,8 @@ __all__ = [
     "check_pretrained_folder",
     "export_controlnet",
     "generate_large_image",
+    "generate_large_pixcell",
+    "pixcell_tokens",
     "seam_score",
 ]
 

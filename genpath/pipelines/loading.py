@@ -16,7 +16,14 @@
    off unless ``disable_progress_bar=False``.
 
 Pipelines stored in another layout override :meth:`GenpathPipelineMixin._load_folder` (the
-ControlNet shipped apart from its base model: :class:`~genpath.pipelines.mask_to_image.MaskToImagePipeline`).
+ControlNet shipped apart from its base model: :class:`~genpath.pipelines.mask_to_image.MaskToImagePipeline`;
+the published PixCell folders: :class:`~genpath.pipelines.pixcell.PixCellPipeline`).
+
+Published folders whose ``model_index.json`` names a custom pipeline file (PixCell's
+``PixCellPipeline`` with ``["pixcell_transformer_2d", "PixCellTransformer2DModel"]``) load only
+when genpath has its own class of that name that declares, in ``published_components``, the
+component classes it rebuilds itself (by class name, from their config and safetensors): the
+library named next to them is never imported, nor any file of the folder.
 
 Example:
     >>> from genpath.pipelines import EmbeddingToImagePipeline
@@ -91,8 +98,12 @@ TRUSTED_LIBRARIES = ("diffusers",)
 TRUSTED_LIBRARY_PREFIXES = ("genpath.",)
 
 
-def _check_libraries(index: Path, spec: dict[str, Any]) -> None:
-    """Refuse components whose library is not diffusers or genpath (no custom code from a folder)."""
+def _check_libraries(index: Path, spec: dict[str, Any], published: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Refuse components whose library is not diffusers or genpath (no custom code from a folder).
+
+    ``published`` maps a component to the class names genpath rebuilds itself for it (a published
+    layout such as PixCell's); such a component passes whatever library it names, which is never imported.
+    """
     if spec.get("_custom_pipeline") or spec.get("custom_pipeline"):
         raise ValueError(f"{ARGUMENT}: expected no custom pipeline code in {index}, got one "
                          "(genpath never runs code from a model folder)")
@@ -100,10 +111,45 @@ def _check_libraries(index: Path, spec: dict[str, Any]) -> None:
         if key.startswith("_") or not isinstance(value, list) or not value or value[0] is None:
             continue
         library = value[0]
+        if published and len(value) == 2 and value[1] in published.get(key, ()):
+            continue  # rebuilt by genpath from config + safetensors; the library is not imported
         if not isinstance(library, str) or not (library in TRUSTED_LIBRARIES
                                                 or library.startswith(TRUSTED_LIBRARY_PREFIXES)):
             raise ValueError(f"{ARGUMENT}: expected components from diffusers or genpath in {index}, got "
                              f"{key} from {library!r} (genpath never imports code a model folder names)")
+
+
+def read_model_index(folder: str | Path, argument: str = ARGUMENT, what: str = "pipeline") -> dict[str, Any]:
+    """Parse ``folder/model_index.json`` into a dict (structure only; nothing is imported).
+
+    Raises:
+        FileNotFoundError: no ``model_index.json``.
+        ValueError: not a JSON object.
+    """
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{argument}: expected a {what} folder with model_index.json, got {folder}")
+    try:
+        spec = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{argument}: expected JSON in {index}, got a parse error ({error})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{argument}: expected a JSON object in {index}, got {type(spec).__name__}")
+    return spec
+
+
+def pipeline_class_name(folder: str | Path) -> str | None:
+    """Return the ``_class_name`` a folder's ``model_index.json`` records (None without a readable one).
+
+    Example:
+        >>> pipeline_class_name("no/such/folder") is None
+        True
+    """
+    try:
+        name = read_model_index(folder).get("_class_name")
+    except (FileNotFoundError, ValueError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _pipeline_class(name: str | None) -> type[GenpathPipelineMixin] | None:
@@ -121,7 +167,11 @@ class GenpathPipelineMixin:
 
     Put it first among the bases: ``class MyPipeline(GenpathPipelineMixin, DiffusionPipeline)``.
     Subclasses are registered by name, so a folder's ``model_index.json`` can pick the class.
+    ``published_components`` (component → class names) lists the foreign component classes of a
+    published layout that the subclass rebuilds itself (see the module doc).
     """
+
+    published_components: dict[str, tuple[str, ...]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -172,21 +222,8 @@ class GenpathPipelineMixin:
     def _load_folder(cls, folder: Path, dtype: torch.dtype, disable_progress_bar: bool = True,
                      **kwargs: Any) -> GenpathPipelineMixin:
         """Load a ``save_pretrained`` folder (``model_index.json`` + one subfolder per component)."""
-        index = folder / "model_index.json"
-        if not index.is_file():
-            raise FileNotFoundError(f"{ARGUMENT}: expected a {cls.__name__} folder with model_index.json, got {folder}")
-        try:
-            spec = json.loads(index.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{ARGUMENT}: expected JSON in {index}, got a parse error ({error})") from None
-        if not isinstance(spec, dict):
-            raise ValueError(f"{ARGUMENT}: expected a JSON object in {index}, got {type(spec).__name__}")
-        _check_libraries(index, spec)
-        name = spec.get("_class_name")
-        target = _pipeline_class(name)
-        if target is None or not issubclass(target, cls):
-            raise ValueError(f"{ARGUMENT}: expected a checkpoint of {cls.__name__} (or a subclass), "
-                             f"got _class_name {name!r} in {folder}")
+        spec, target = cls._index_and_class(folder)
+        _check_libraries(folder / "model_index.json", spec)  # diffusers imports what the index names: no exceptions
         target._check_index(folder, spec, provided=set(kwargs))
         parent = super(GenpathPipelineMixin, target)
         # weights from safetensors only: never torch.load of a pickle from an untrusted folder
@@ -196,6 +233,20 @@ class GenpathPipelineMixin:
         except OSError as error:  # diffusers' "no safetensors / missing file" errors are EnvironmentErrors
             raise ValueError(f"{ARGUMENT}: expected every component's weights as safetensors in {folder}, got "
                              f"{str(error).splitlines()[0][:200]}") from None
+
+    @classmethod
+    def _index_and_class(cls, folder: Path) -> tuple[dict[str, Any], type[GenpathPipelineMixin]]:
+        """Read ``model_index.json``, pick the genpath class it names (``cls`` or a subclass), check its libraries."""
+        spec = read_model_index(folder, ARGUMENT, cls.__name__)
+        name = spec.get("_class_name")
+        target = _pipeline_class(name)
+        if target is None:
+            _check_libraries(folder / "model_index.json", spec)  # a foreign folder: name what it would import
+        if target is None or not issubclass(target, cls):
+            raise ValueError(f"{ARGUMENT}: expected a checkpoint of {cls.__name__} (or a subclass), "
+                             f"got _class_name {name!r} in {folder}")
+        _check_libraries(folder / "model_index.json", spec, target.published_components)
+        return spec, target
 
     @classmethod
     def _check_index(cls, folder: Path, spec: dict[str, Any], provided: set[str]) -> None:
