@@ -14,6 +14,7 @@ import_kornia()
 
 from augment.histology import RandomHistologyTransform  # noqa: E402
 from augment.params import PARAM_SCHEMA, ParamSpec, check_params, identity_params  # noqa: E402
+from augment.preview import preview_grid  # noqa: E402
 from augment.sampling import AugmentationSampler  # noqa: E402
 from augment.stain import (  # noqa: E402
     RandomHEDJitter,
@@ -55,5 +56,6 @@ __all__ = [
     "identity_params",
     "load_histaug",
     "load_official_histaug",
+    "preview_grid",
     "to_official_params",
 ]

@@ -8,6 +8,11 @@ run it, retry it or run it twice. :func:`run_batch` runs the tasks with
 :func:`genpath.wsi.run_slide_batch`: the manifest CSV is rewritten atomically after every
 slide, next to the resolved config (``config.yaml``); a rerun skips slides whose row says
 ``done`` under the same config hash and whose output is complete.
+
+``report.html`` (:class:`genpath.report.SlideBatchReport`) is rewritten beside the manifest
+after every slide: before/after and tissue thumbnails, the slide's fitted stain vectors and
+percentiles as swatches (each task writes them to ``<output>.qc/report.json``), the target's in
+the header.
 """
 
 from __future__ import annotations
@@ -22,10 +27,16 @@ from typing import Any
 
 from genpath import __version__
 from genpath.io.images import expand_inputs
+from genpath.report import ReportHeader, SlideBatchReport, write_qc_report
+from genpath.report.slides import SLIDE_VALUE_COLUMNS
 from genpath.utils.atomic import atomic_write_yaml
+from genpath.utils.logging import get_logger
 from genpath.wsi import SlideBatchSettings, expand_slides, run_slide_batch, run_slide_job
 from normalization.base import StainNormalizer
 from normalization.config import NormalizeConfig, load_or_fit_normalizer
+from normalization.report import RecordingSlideFitter
+
+logger = get_logger(__name__)
 
 __all__ = ["MANIFEST_FIELDS", "config_hash", "expand_slides", "normalizer_for", "process_slide", "run_batch",
            "save_resolved_config"]
@@ -97,9 +108,22 @@ def process_slide(
     key = key or config_hash(config)
     row = {"method": config.method, "target": ";".join(config.target) or (config.state or ""),
            "version": __version__}
-    return run_slide_job(job, functools.partial(normalizer_for, config, key), config.slide_options(), key=key,
-                         row=row, mpp=config.mpp, resume=config.resume, device=config.device,
-                         workers=config.workers, progress=progress)
+    fitters: list[RecordingSlideFitter] = []
+
+    def build() -> RecordingSlideFitter:
+        fitters.append(RecordingSlideFitter(normalizer_for(config, key)))
+        return fitters[-1]
+
+    options = config.slide_options()
+    result = run_slide_job(job, build, options, key=key, row=row, mpp=config.mpp, resume=config.resume,
+                           device=config.device, workers=config.workers, progress=progress)
+    if result.get("status") == "done" and fitters and options.qc:
+        try:
+            swatches, target = fitters[-1].swatches()
+            write_qc_report(result["output"], swatches, header_swatches=target)
+        except (OSError, ValueError) as error:  # the report is a view: never fail a finished slide for it
+            logger.info("report: no stain swatches for %s: %s", job["input"], error)
+    return result
 
 
 def save_resolved_config(path: Path, config: NormalizeConfig, key: str) -> None:
@@ -148,8 +172,33 @@ def run_batch(
                                   scheduler=config.scheduler, skip_errors=config.skip_errors)
     # looked up at call time (not bound at import): a patched ``process_slide`` is what runs
     task = functools.partial(_task, config, key)
-    return run_slide_batch(jobs, out, task, settings, on_slide=on_slide, on_start=on_start,
-                           tile_progress=tile_progress)
+    report = slide_report(out, config, key)
+
+    def finished(row: dict[str, Any]) -> None:
+        report.refresh()
+        if on_slide:
+            on_slide(row)
+
+    try:
+        return run_slide_batch(jobs, out, task, settings, on_slide=finished, on_start=on_start,
+                               tile_progress=tile_progress)
+    finally:
+        report.refresh()
+
+
+def slide_report(out: Path, config: NormalizeConfig, key: str) -> SlideBatchReport:
+    """Set up the ``report.html`` of a slide batch: method, target thumbnail, config hash, version in the header."""
+    header = ReportHeader(title=f"genpath normalize slides: {out.resolve().name}",
+                          fields={"method": config.method, "target": ", ".join(config.target) or config.state or "",
+                                  "config hash": key, "version": __version__},
+                          value_columns=SLIDE_VALUE_COLUMNS)
+    report = SlideBatchReport(out, header)
+    if config.target and not config.state:
+        for path, _ in target_files(config.target)[:4]:
+            thumbnail = report.report.thumbnail(str(path.resolve()), "target", path)
+            if thumbnail:
+                header.images[f"target {path.name}"] = thumbnail
+    return report
 
 
 def _recorded_hash(path: Path) -> str | None:

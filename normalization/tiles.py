@@ -7,7 +7,9 @@ one output stop the run before any work (:func:`refuse_output_collisions`).
 ``out/manifest.json`` lists every file's status; it is rewritten atomically every few seconds
 and at the end, and keeps the rows of an earlier run for the inputs this run does not touch
 (:class:`TileManifest`). Hidden temporary files a killed run left beside this run's outputs
-are removed at the start (:func:`remove_stale_temporaries`).
+are removed at the start (:func:`remove_stale_temporaries`). ``out/report.html``
+(:func:`normalization.report.tile_report`) shows each file's before/after and tissue thumbnails
+and its own fitted stain swatches; it is rewritten with the manifest.
 
 The helpers here are shared with ``genpath translate tiles``.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,9 +26,11 @@ from typing import Any
 import torch
 
 from genpath.io.images import expand_inputs, plan_outputs, read_image, write_image
+from genpath.report.tiles import TileBatchReport
 from genpath.utils.atomic import PeriodicJsonWriter, temporary_in_use
 from genpath.utils.logging import get_logger
 from normalization.base import StainNormalizer
+from normalization.report import report_tiles, tile_report
 
 logger = get_logger(__name__)
 TILE_FORMATS = ("png", "jpg", "tif", "same")
@@ -42,6 +47,8 @@ def normalize_tiles(
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
     max_batch_pixels: int = MAX_BATCH_PIXELS,
+    report: bool = True,
+    target: Sequence[str | Path] | None = None,
 ) -> list[dict[str, Any]]:
     """Normalize image files into ``out``; returns one record per file (never raises for one bad file).
 
@@ -56,6 +63,8 @@ def normalize_tiles(
         progress: called with the number of files just finished.
         max_batch_pixels: and at most this many pixels (a single larger image goes alone), so
             memory is bounded by the budget, not by how many same-size images there are.
+        report: write ``out/report.html`` (thumbnails in ``out/report/``).
+        target: target image files shown in the report's header.
 
     Returns:
         Records ``{input, output, status, [error]}`` with ``status`` ``normalized``,
@@ -76,13 +85,22 @@ def normalize_tiles(
     plan = refuse_output_collisions(plan_outputs(expand_inputs(inputs), out, output_format))
     manifest = TileManifest(out, plan)
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out, plan)
+    remove_stale_temporaries(out, plan, extra=("manifest.json", "report.html"))
     records: list[dict[str, Any]] = []
     advance = progress or (lambda n: None)
+    page = None
+    if report:
+        try:
+            page = tile_report(out, normalizer, manifest.kept, target)
+        except Exception as error:  # noqa: BLE001 - the report is a view: never fail the batch for it
+            logger.warning("report: not written: %s", error)
 
     def failed(path: Path, error: Exception | str) -> dict[str, Any]:
         message = error if isinstance(error, str) else f"{error}"
-        return {"input": str(path), "status": "failed", "error": message}
+        row = {"input": str(path), "status": "failed", "error": message}
+        if page is not None:
+            page.add(row)
+        return row
 
     pending: list[tuple[Path, Path, torch.Tensor]] = []
 
@@ -91,10 +109,12 @@ def normalize_tiles(
         for item in pending:
             groups.setdefault(tuple(item[2].shape), []).append(item)
         for items in groups.values():
-            records.extend(_normalize_group(items, normalizer, device))
+            records.extend(_normalize_group(items, normalizer, device, page))
             advance(len(items))
         pending.clear()
         manifest.update(records)
+        if page is not None:
+            page.update()
 
     for path, destination, refused in plan:
         try:
@@ -113,31 +133,42 @@ def normalize_tiles(
             flush()
     flush()
     manifest.flush(records)
+    if page is not None:
+        page.flush()
     logger.info("normalized %d files into %s", len(records), out)
     return records
 
 
 def _normalize_group(
-    items: list[tuple[Path, Path, torch.Tensor]], normalizer: StainNormalizer, device: str
+    items: list[tuple[Path, Path, torch.Tensor]], normalizer: StainNormalizer, device: str,
+    page: TileBatchReport | None = None,
 ) -> list[dict[str, Any]]:
-    """Normalize same-size tiles in one call and write them; failures become records."""
+    """Normalize same-size tiles in one call and write them; failures become records (and report rows)."""
+    images = [image for _, _, image in items]
+    start = time.perf_counter()
     try:
-        batch = torch.stack([image for _, _, image in items]).to(device)
+        batch = torch.stack(images).to(device)
         result, valid = normalizer(batch, return_valid=True)
     except MemoryError:
         size = tuple(items[0][2].shape[-2:])
-        return [{"input": str(p), "status": "failed", "error": f"image: too large to normalize in memory ({size} px)"}
-                for p, _, _ in items]
+        message = f"image: too large to normalize in memory ({size} px)"
+        records = [{"input": str(p), "status": "failed", "error": message} for p, _, _ in items]
+        result = None
     except Exception as error:  # noqa: BLE001 - report and go on with the next group
-        return [{"input": str(p), "status": "failed", "error": str(error)} for p, _, _ in items]
-    records = []
-    for (path, destination, _), image, ok in zip(items, result.cpu(), valid.tolist(), strict=True):
-        try:
-            write_image(image, destination)
-            records.append({"input": str(path), "output": str(destination),
-                            "status": "normalized" if ok else "passed_through"})
-        except Exception as error:  # noqa: BLE001
-            records.append({"input": str(path), "status": "failed", "error": str(error)})
+        records = [{"input": str(p), "status": "failed", "error": str(error)} for p, _, _ in items]
+        result = None
+    else:
+        result = result.cpu()
+        records = []
+        for (path, destination, _), image, ok in zip(items, result, valid.tolist(), strict=True):
+            try:
+                write_image(image, destination)
+                records.append({"input": str(path), "output": str(destination),
+                                "status": "normalized" if ok else "passed_through"})
+            except Exception as error:  # noqa: BLE001
+                records.append({"input": str(path), "status": "failed", "error": str(error)})
+    if page is not None:
+        report_tiles(page, normalizer, images, result, records, (time.perf_counter() - start) / len(items))
     return records
 
 

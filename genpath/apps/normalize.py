@@ -141,7 +141,7 @@ def run_normalize_tiles(
         normalizer.save(save_state)
     logger.info("normalizing tiles with %s", normalizer.method)
     return normalize_tiles(inputs, out, normalizer, config.output_format or "png", config.batch_size, config.device,
-                           progress=progress)
+                           progress=progress, target=None if config.state else config.target)
 
 
 def run_normalize_slides(

@@ -7,6 +7,8 @@
    through the translator with feathered blending (the generic slide engine, :mod:`genpath.wsi`), write a
    pyramidal TIFF or OME-Zarr per slide under a temporary name, plus ``OUT/manifest.csv``; a
    failed slide is recorded and the batch goes on.
+4. Both write ``OUT/report.html`` (:mod:`genpath.report`): before/after thumbnails per input,
+   failed inputs in red, rewritten as the manifest is.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,11 @@ from typing import Any
 
 import torch
 
+from genpath import __version__
 from genpath.io.images import expand_inputs, plan_outputs, read_image, write_image
+from genpath.report import ReportHeader, SlideBatchReport
+from genpath.report.slides import SLIDE_VALUE_COLUMNS
+from genpath.report.tiles import TileBatchReport, run_settings_hash
 from genpath.utils.logging import get_logger
 from genpath.utils.paths import require_output_folder
 from genpath.utils.runs import check_run_settings, previous_manifest_outputs
@@ -95,9 +102,17 @@ def translate_tiles(inputs: list[str], out: Path, translator: torch.nn.Module,
     check_run_settings(out, "translate tiles", settings, overwrite, previous_manifest_outputs(out))
     manifest = TileManifest(out, plan)
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out, plan)
+    remove_stale_temporaries(out, plan, extra=("manifest.json", "report.html"))
+    header = ReportHeader(title=f"genpath translate tiles: {out.resolve().name}",
+                          fields={"model weights": settings["weights"], "steps": settings["steps"],
+                                  "seed": settings["seed"], "config hash": run_settings_hash(out),
+                                  "version": __version__},
+                          image_columns=(("before", "before"), ("after", "after")), swatch_title="",
+                          value_columns=(("size", "size"), ("seconds", "seconds")))
+    page = TileBatchReport(out, header, manifest.kept)
     records: list[dict] = []
     for path, destination, refused in plan:
+        start, image, result = time.perf_counter(), None, None
         try:
             if refused:
                 raise ValueError(refused)
@@ -108,10 +123,15 @@ def translate_tiles(inputs: list[str], out: Path, translator: torch.nn.Module,
             records.append({"input": str(path), "output": str(destination), "status": "translated"})
         except Exception as error:  # noqa: BLE001 - one bad file must not stop the batch
             records.append({"input": str(path), "status": "failed", "error": f"{type(error).__name__}: {error}"})
+        size = f"{image.shape[-1]}x{image.shape[-2]}" if image is not None else ""
+        page.add(records[-1], {"before": image, "after": result if records[-1]["status"] != "failed" else None},
+                 values={"size": size, "seconds": round(time.perf_counter() - start, 3)})
         if on_done:
             on_done()
         manifest.update(records)
+        page.update()
     manifest.flush(records)
+    page.flush()
     return records
 
 
@@ -141,7 +161,21 @@ def translate_slides(inputs: list[str], out: Path, translator: torch.nn.Module, 
     check_run_settings(out, "translate slides", record, overwrite)
     task = functools.partial(_translate_slide, translator, slide_options, options.device, key)
     settings = SlideBatchSettings(key=key, fields=SLIDE_FIELDS, resume=True, overwrite=overwrite)
-    return run_slide_batch(jobs, out, task, settings, on_slide=on_slide, tile_progress=tile_progress)
+    header = ReportHeader(title=f"genpath translate slides: {out.resolve().name}",
+                          fields={"model weights": record["weights"], "steps": options.num_inference_steps,
+                                  "seed": options.seed, "config hash": key, "version": __version__},
+                          swatch_title="", value_columns=[c for c in SLIDE_VALUE_COLUMNS if c[0] != "mpp"])
+    report = SlideBatchReport(out, header)
+
+    def finished(row: dict) -> None:
+        report.refresh()
+        if on_slide:
+            on_slide(row)
+
+    try:
+        return run_slide_batch(jobs, out, task, settings, on_slide=finished, tile_progress=tile_progress)
+    finally:
+        report.refresh()
 
 
 def _translate_slide(translator: torch.nn.Module, slide_options: SlideOptions, device: str, key: str,

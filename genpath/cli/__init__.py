@@ -18,6 +18,7 @@ from genpath.cli import common, normalize, synth, train, translate
 from genpath.cli import convert as convert_commands
 from genpath.cli import datasets as dataset_commands
 from genpath.cli import eval as eval_commands
+from genpath.cli import preview as preview_commands
 from genpath.utils.logging import set_verbosity
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -50,6 +51,7 @@ app.command("synth", no_args_is_help=True)(synth.synth)
 app.command("synth-merge", no_args_is_help=True)(synth.synth_merge)
 app.command("synth-large", no_args_is_help=True)(synth.synth_large)
 app.add_typer(eval_commands.app, name="eval")
+app.add_typer(preview_commands.app, name="preview")
 app.command("tiles", no_args_is_help=True)(dataset_commands.tiles)
 app.command("embed", no_args_is_help=True)(dataset_commands.embed)
 
