@@ -45,7 +45,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -320,6 +320,50 @@ def model_fingerprint(folder: str | Path, exclude: str | Path | None = None) -> 
     return digest.hexdigest()
 
 
+class RunFolder(NamedTuple):
+    """An opened run folder: where it is, this run's sample ids, and what an earlier run finished."""
+
+    out: Path
+    ids: range
+    manifest: Path
+    previous: list[dict[str, str]]
+    rows: list[dict[str, str]]
+    done: set[int]
+
+
+def open_run_folder(cfg: Any, settings: dict, n_total: int) -> RunFolder:  # noqa: ANN401 - a synth config
+    """Prepare ``cfg.out`` for ``settings`` (``cfg.shard``'s samples of ``n_total``) and read its manifest.
+
+    ``previous`` are the manifest's rows, ``rows`` its finished sample rows (failed inputs dropped)
+    and ``done`` their ids.
+    """
+    out = Path(cfg.out)
+    record, ids = shard_settings(settings, n_total, cfg.batch_size, cfg.shard)
+    prepare_run_folder(out, record, cfg.overwrite)
+    manifest = out / "manifest.csv"
+    previous = read_manifest(manifest)
+    rows = done_rows(previous)
+    return RunFolder(out, ids, manifest, previous, rows, {int(r["id"]) for r in rows})
+
+
+def save_rows(manifest: Path, rows: list[dict], failed: list[dict], fields: Any,  # noqa: ANN401 - field names
+              progress: Callable[[int, int], None] | None, total: int) -> None:
+    """Sort the finished ``rows`` by id, rewrite the manifest (failed inputs last) and report progress."""
+    rows.sort(key=lambda r: int(r["id"]))
+    atomic_write_csv(manifest, rows + failed, fields)
+    if progress:
+        progress(len(rows), total)
+
+
+def finish_run(cfg: Any, out: Path, rows: list[dict], failed: list[dict]) -> list[dict]:  # noqa: ANN401
+    """Write the run's extras (not a shard's: they come with the merge); return the manifest rows, failed last."""
+    if cfg.shard is None:  # a shard's extras come with the merge
+        from genpath.report.synth import write_synth_extras
+
+        write_synth_extras(out)
+    return rows + failed
+
+
 def batches(n_total: int | range, done: set[int], batch_size: int) -> Iterable[list[int]]:
     """Sample ids ``0..n_total-1`` (or of a range) not in ``done``, ``batch_size`` at a time (never all in one list)."""
     pending = (i for i in (range(n_total) if isinstance(n_total, int) else n_total) if i not in done)
@@ -371,16 +415,10 @@ def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = No
     if cfg.executor == "dask":
         return run_sharded(cfg, run_synth, synth_plan, progress)
     pipe, embeddings, sources, failed_inputs, size, settings = _plan(cfg)
-    out = Path(cfg.out)
     n_total = len(sources) * cfg.n_per_condition
-    record, ids = shard_settings(settings, n_total, cfg.batch_size, cfg.shard)
-    prepare_run_folder(out, record, cfg.overwrite)
+    out, ids, manifest, previous, rows, done = open_run_folder(cfg, settings, n_total)
     with atomic_path(out / "embeddings.npy") as tmp:
         np.save(tmp, embeddings.numpy())
-    manifest = out / "manifest.csv"
-    previous = read_manifest(manifest)
-    rows = done_rows(previous)
-    done = {int(r["id"]) for r in rows}
     failed = [{"id": "", "condition": "", "source": path, "seed": "", "model": str(cfg.model), "guidance": "",
                "steps": "", "file": "", "status": "failed", "error": error} for path, error in failed_inputs]
     images_array = None
@@ -420,8 +458,5 @@ def run_synth(cfg: SynthConfig, progress: Callable[[int, int], None] | None = No
             rows.append({"id": sample_id, "condition": cond, "source": sources[cond], "seed": cfg.seed + sample_id,
                          "model": str(cfg.model), "guidance": cfg.guidance, "steps": cfg.steps, "file": file,
                          "status": "done", "error": ""})
-        rows.sort(key=lambda r: int(r["id"]))
-        atomic_write_csv(manifest, rows + failed, MANIFEST_FIELDS)
-        if progress:
-            progress(len(rows), len(ids))
-    return rows + failed
+        save_rows(manifest, rows, failed, MANIFEST_FIELDS, progress, len(ids))
+    return finish_run(cfg, out, rows, failed)

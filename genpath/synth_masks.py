@@ -55,19 +55,18 @@ from genpath.synth import (
     condition_encoder,
     embed_images,
     files_fingerprint,
+    finish_run,
     list_images,
     model_fingerprint,
+    open_run_folder,
     pipeline_encoder,
+    save_rows,
 )
 from genpath.synth_shards import (
     LOAD_LOCK,
     check_executor,
     check_inputs_outside,
-    done_rows,
-    prepare_run_folder,
-    read_manifest,
     run_sharded,
-    shard_settings,
 )
 from genpath.utils.atomic import atomic_path, atomic_write_csv
 from genpath.utils.logging import get_logger
@@ -298,14 +297,8 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
     if cfg.executor == "dask":
         return run_sharded(cfg, run_mask_synth, mask_synth_plan, progress)
     pipe, masks, (styles, style_names), (mask_failures, style_failures), (h, w), settings = _plan(cfg)
-    out = Path(cfg.out)
     n_total = len(masks) * cfg.n_per_mask
-    record, ids = shard_settings(settings, n_total, cfg.batch_size, cfg.shard)
-    prepare_run_folder(out, record, cfg.overwrite)
-    manifest = out / "manifest.csv"
-    previous = read_manifest(manifest)
-    rows = done_rows(previous)
-    done = {int(r["id"]) for r in rows}
+    out, ids, manifest, previous, rows, done = open_run_folder(cfg, settings, n_total)
     blank = dict.fromkeys(MASK_MANIFEST_FIELDS, "")
     failed = [{**blank, "mask_source": path, "model": str(cfg.model), "status": "failed", "error": error}
               for path, error in mask_failures]
@@ -354,8 +347,5 @@ def run_mask_synth(cfg: MaskSynthConfig, progress: Callable[[int, int], None] | 
                          "seed": cfg.seed + sample_id, "model": str(cfg.model),
                          "controlnet_scale": cfg.controlnet_scale, "guidance": cfg.guidance, "steps": cfg.steps,
                          "file": file, "mask_file": mask_file, "status": "done", "error": ""})
-        rows.sort(key=lambda r: int(r["id"]))
-        atomic_write_csv(manifest, rows + failed, MASK_MANIFEST_FIELDS)
-        if progress:
-            progress(len(rows), len(ids))
-    return rows + failed
+        save_rows(manifest, rows, failed, MASK_MANIFEST_FIELDS, progress, len(ids))
+    return finish_run(cfg, out, rows, failed)

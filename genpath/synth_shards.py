@@ -138,6 +138,9 @@ def clear_run_outputs(out: str | Path) -> None:
         if (out / sub).is_dir() and not any((out / sub).iterdir()):
             (out / sub).rmdir()
     _remove_shard_folders(out)
+    from genpath.report.synth import remove_synth_extras
+
+    remove_synth_extras(out)
 
 
 def _has_outputs(out: Path) -> bool:
@@ -363,6 +366,9 @@ def merge_shards(folders: Iterable[str | Path], out: str | Path, overwrite: bool
                 _copy_file(folder / name, out / name)
     atomic_write_csv(out / "manifest.csv", rows + failed, fields)
     logger.info("merged %d shards (%d samples) into %s", count, len(rows), out)
+    from genpath.report.synth import write_synth_extras
+
+    write_synth_extras(out)  # dataset card, contact sheet and report.html, as an unsharded run writes them
     return rows + failed
 
 

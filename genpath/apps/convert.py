@@ -24,8 +24,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from typing import Any
 from genpath import __version__
 from genpath.pipelines.image_translation import GeneratorTranslationPipeline
 from genpath.translation.convert_pix2pix import Pix2PixLayout, load_pix2pix_generator
-from genpath.utils.atomic import atomic_directory
+from genpath.utils.conversion import file_sha256, save_converted
 from genpath.utils.logging import get_logger
 from genpath.utils.paths import require_output_folder
 
@@ -66,14 +64,6 @@ class Pix2PixConvertOptions:
         """Return the explicitly given architecture values."""
         return Pix2PixLayout(ngf=self.ngf, n_blocks=self.n_blocks, norm=self.norm, dropout=self.dropout,
                              antialias=self.antialias, spectral_norm=self.spectral_norm, batch_stats=self.batch_stats)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> Path:
@@ -112,11 +102,9 @@ def convert_pix2pix_checkpoint(src: str | Path, out: str | Path, options: Pix2Pi
     pipe = GeneratorTranslationPipeline(translator=generator, source_stain=options.source_stain,
                                         target_stain=options.target_stain)
     config = {k: v for k, v in generator.config.items() if not k.startswith("_")}
-    record = {"family": "pix2pix", "source": src.name, "sha256": _sha256(src), "preset": options.preset,
+    record = {"family": "pix2pix", "source": src.name, "sha256": file_sha256(src), "preset": options.preset,
               "layout": dataclasses.asdict(layout), "generator": config, "genpath_version": __version__}
-    with atomic_directory(out) as tmp:
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / "conversion.json").write_text(json.dumps(record, indent=1, default=str))
+    save_converted(pipe, out, record)
     logger.info("converted %s into %s (%s)", src, out, record["generator"])
     return record
 
@@ -147,10 +135,8 @@ def convert_stainfuser_checkpoint(src: str | Path, out: str | Path, unet_config:
     src, out = Path(src), Path(out)
     out = _check_out(src, out, overwrite)
     pipe, summary = build_stainfuser_pipeline(src, unet_config, vae_config, scheduler_config)
-    record = {"family": "stainfuser", "source": src.name, "sha256": _sha256(src), **summary,
+    record = {"family": "stainfuser", "source": src.name, "sha256": file_sha256(src), **summary,
               "genpath_version": __version__}
-    with atomic_directory(out) as tmp:
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / "conversion.json").write_text(json.dumps(record, indent=1, default=str))
+    save_converted(pipe, out, record)
     logger.info("converted %s into %s (%s)", src, out, record["keys"])
     return record

@@ -14,26 +14,16 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from genpath import __version__
 from genpath.pipelines.convert_graikos import load_graikos_ldm
-from genpath.utils.atomic import atomic_directory
+from genpath.utils.conversion import file_sha256, save_converted
 from genpath.utils.logging import get_logger
 from genpath.utils.paths import require_output_folder
 
 logger = get_logger(__name__)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_out(inputs: dict[str, Path], out: Path, overwrite: bool) -> Path:
@@ -68,10 +58,8 @@ def convert_graikos_ldm(src: str | Path, config: str | Path, out: str | Path, ov
     src, config = Path(src), Path(config)
     out = _check_out({"src": src, "--config": config}, Path(out), overwrite)
     pipe, record = load_graikos_ldm(src, config)
-    record = {"family": "graikos-ldm", "source": src.name, "sha256": _sha256(src), "config": config.name,
-              "config_sha256": _sha256(config), **record, "genpath_version": __version__}
-    with atomic_directory(out) as tmp:
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / "conversion.json").write_text(json.dumps(record, indent=1, default=str))
+    record = {"family": "graikos-ldm", "source": src.name, "sha256": file_sha256(src), "config": config.name,
+              "config_sha256": file_sha256(config), **record, "genpath_version": __version__}
+    save_converted(pipe, out, record)
     logger.info("converted %s into %s", src, out)
     return record

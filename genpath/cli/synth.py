@@ -9,6 +9,14 @@ import typer
 
 from genpath.cli.common import console, progress_bar, report_failures, user_errors
 
+#: ``--vae`` and ``--encoder`` of synth and synth-large.
+Vae = Annotated[Path | None, typer.Option(help="PixCell: the SD3.5 VAE folder (the vae/ subfolder of "
+                                               "stabilityai/stable-diffusion-3.5-large), which PixCell's folders do "
+                                               "not include.")]
+Encoder = Annotated[str | None, typer.Option(help="Encoder for reference/style images, NAME[:WEIGHTS] (PixCell: "
+                                                  "uni2-h:PATH/pytorch_model.bin); default: the model folder's "
+                                                  "encoder.json.")]
+
 
 def _report(rows: list[dict], what: str, inputs: tuple[str, ...]) -> None:
     """Print the summary and each failed input (an unreadable image or mask file); exit 1 when any failed."""
@@ -39,12 +47,8 @@ def synth(
                                                   "of the VAE factor).")] = None,
     base: Annotated[Path | None, typer.Option(help="--masks: the base EmbeddingToImagePipeline of a ControlNet "
                                                    "folder (checked against its base.json fingerprint).")] = None,
-    vae: Annotated[Path | None, typer.Option(help="PixCell: the SD3.5 VAE folder (the vae/ subfolder of "
-                                                  "stabilityai/stable-diffusion-3.5-large), which PixCell's folders "
-                                                  "do not include.")] = None,
-    encoder: Annotated[str | None, typer.Option(help="Encoder for reference/style images, NAME[:WEIGHTS] (PixCell: "
-                                                     "uni2-h:PATH/pytorch_model.bin); default: the model folder's "
-                                                     "encoder.json.")] = None,
+    vae: Vae = None,
+    encoder: Encoder = None,
     trust_model_code: Annotated[bool, typer.Option(help="Let the model folder's encoder.json name a TorchScript "
                                                         "encoder, which runs code from that folder. Only for "
                                                         "folders you trust.")] = False,
@@ -134,12 +138,8 @@ def synth_large(
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
     trust_model_code: Annotated[bool, typer.Option(help="Let the model folder's encoder.json name a TorchScript "
                                                         "encoder (runs code; trusted folders only).")] = False,
-    vae: Annotated[Path | None, typer.Option(help="PixCell: the SD3.5 VAE folder (the vae/ subfolder of "
-                                                  "stabilityai/stable-diffusion-3.5-large), which PixCell's folders "
-                                                  "do not include.")] = None,
-    encoder: Annotated[str | None, typer.Option(help="Encoder for reference/style images, NAME[:WEIGHTS] (PixCell: "
-                                                     "uni2-h:PATH/pytorch_model.bin); default: the model folder's "
-                                                     "encoder.json.")] = None,
+    vae: Vae = None,
+    encoder: Encoder = None,
 ) -> None:
     """Assemble a large image from a grid of embeddings (a real region's, or given); writes PNG + JSON.
 

@@ -26,6 +26,9 @@ import numbers
 
 import torch
 
+from genpath.image_tensor import to_float_batch
+from genpath.pipelines.noise import check_generator
+
 MAX_GUIDANCE = 100.0
 MAX_CONDITIONING_SCALE = 100.0
 MAX_CONDITIONING_VALUE = 1e4
@@ -80,3 +83,37 @@ def check_conditioning(tensor: torch.Tensor, name: str, bound: float = MAX_CONDI
     peak = float(values.abs().max())
     if not peak <= bound:
         raise ValueError(f"{name}: expected values with |x| <= {bound:g}, got max |x| = {peak:.4g}")
+
+
+def check_images(images: torch.Tensor, name: str, factor: int) -> torch.Tensor:
+    """Return ``images`` as a float ``(B,3,H,W)`` batch in [0, 1] whose sides are multiples of the VAE ``factor``.
+
+    Raises:
+        ValueError: not an image batch (see :func:`genpath.image_tensor.to_float_batch`), or a side
+            that the VAE factor does not divide (one line naming ``name``).
+    """
+    rgb, _ = to_float_batch(images, name)
+    if rgb.shape[-2] % factor or rgb.shape[-1] % factor:
+        raise ValueError(f"{name}: expected height and width divisible by the VAE factor {factor}, "
+                         f"got {rgb.shape[-2]}x{rgb.shape[-1]}")
+    return rgb
+
+
+def check_mask_sampling(embeddings: torch.Tensor | None, batch: int, num_inference_steps: object,
+                        guidance_scale: object, scale: object, output_type: str, generator: object) -> None:
+    """Check a mask-conditioned pipeline's call arguments (after its own mask and embedding checks).
+
+    One embedding per mask (when given), the steps, guidance and ControlNet scale in range, a
+    ``"pt"`` or ``"latent"`` output, and no generator or one (or ``batch``) of them.
+
+    Raises:
+        ValueError: the first bad argument (one line naming it).
+    """
+    if embeddings is not None and embeddings.shape[0] != batch:
+        raise ValueError(f"embeddings: expected one per mask ({batch}), got {embeddings.shape[0]}")
+    check_steps(num_inference_steps)
+    check_number(guidance_scale, "guidance_scale", 0.0, MAX_GUIDANCE, "1 = no guidance")
+    check_number(scale, "controlnet_conditioning_scale", 0.0, MAX_CONDITIONING_SCALE, "0 ignores the mask")
+    if output_type not in ("pt", "latent"):
+        raise ValueError(f"output_type: expected 'pt' or 'latent', got {output_type!r}")
+    check_generator(generator, batch)

@@ -10,14 +10,13 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel, VQModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from genpath.models.conditioning import EmbeddingProjector
 from genpath.models.linear_projector import LinearEmbeddingProjector
 from genpath.models.vae import decode_tiled, downsampling_factor
 from genpath.pipelines.checks import MAX_GUIDANCE, check_conditioning, check_number, check_size, check_steps
 from genpath.pipelines.loading import GenpathPipelineMixin
-from genpath.pipelines.noise import GeneratorLike, check_generator
+from genpath.pipelines.noise import GeneratorLike, check_generator, initial_latents
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 
@@ -142,12 +141,8 @@ class EmbeddingToImagePipeline(GenpathPipelineMixin, DiffusionPipeline):
 
         # 3. initial noise and timesteps
         shape = (batch, self.unet.config.in_channels, height // f, width // f)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=tokens.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        latents = initial_latents(self.scheduler, num_inference_steps, shape, latents, generator, device,
+                                  tokens.dtype, keep_dtype=True)
 
         # 4. denoising loop
         for t in self.progress_bar(self.scheduler.timesteps):

@@ -16,15 +16,16 @@ region's embedding grid (or an interpolated one) lays out the synthetic image.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from genpath.models.vae import decode_tiled
 from genpath.pipelines.checks import check_conditioning, check_size
+from genpath.pipelines.noise import initial_latents
 from genpath.tiling import feather_weights
 
 
@@ -69,7 +70,7 @@ def _weights(h: int, w: int, overlap: int, device: torch.device) -> torch.Tensor
     return (wy[:, None] * wx[None, :]).to(device)
 
 
-def _check_large_inputs(embedding_grid: torch.Tensor, mode: str, generator: object, overlap: object,
+def check_large_inputs(embedding_grid: torch.Tensor, mode: str, generator: object, overlap: object,
                         decode_tile: object, tile: int, factor: int) -> None:
     """Raise a one-line ``ValueError`` naming the first bad argument of :func:`generate_large_image`."""
     if not isinstance(embedding_grid, torch.Tensor) or embedding_grid.ndim != 3 or 0 in embedding_grid.shape:
@@ -85,6 +86,60 @@ def _check_large_inputs(embedding_grid: torch.Tensor, mode: str, generator: obje
         raise ValueError(f"overlap: expected an integer in [0, {tile}) latent pixels (below the tile), got {overlap!r}")
     if decode_tile is not None:
         check_size(decode_tile, "decode_tile", factor)
+
+
+
+def denoise_windows(
+    scheduler,  # noqa: ANN001 - a diffusers scheduler, timesteps already set
+    latents: torch.Tensor,
+    predict: Callable[[torch.Tensor, torch.Tensor, list[Box], int, int], torch.Tensor],
+    tile: int,
+    multiple: int,
+    mode: str,
+    overlap: int | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, int, int]:
+    """Denoise the latent canvas ``(1,C,H,W)`` over ``scheduler.timesteps``, window by window.
+
+    Each step the canvas is cut into ``tile``-sized windows: non-overlapping on a grid shifted by a
+    fresh offset (a multiple of ``multiple``) for ``mode="shifted"``, or overlapping by ``overlap``
+    (default a quarter tile, rounded down to ``multiple``) and feather-averaged for ``"overlap"``.
+    Windows of one size are batched: ``predict(crops, t, boxes, h, w)`` returns the noise prediction
+    of the crops ``(n,C,h,w)`` at boxes ``(y0, y1, x0, x1)``. The offsets are drawn from one integer
+    taken from ``generator`` (seed 0 without one).
+
+    Returns:
+        ``(latents, pixels, calls)``: the denoised canvas, the latent pixels and the batches sent to ``predict``.
+    """
+    height, width = latents.shape[-2:]
+    device = latents.device
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator)) if generator else 0)
+    if mode == "overlap":
+        overlap = overlap if overlap is not None else tile // 4
+        overlap -= overlap % multiple
+        stride = tile - overlap
+    else:
+        overlap, stride = 0, tile
+    pixels, calls = 0, 0
+    for t in scheduler.timesteps:
+        offset = tuple(int(v) * multiple for v in rng.integers(0, tile // multiple, size=2)) \
+            if mode == "shifted" else (0, 0)
+        noise = torch.zeros_like(latents)
+        weight = torch.zeros((height, width), device=device, dtype=latents.dtype)
+        groups: dict[tuple[int, int], list[Box]] = {}
+        for box in _windows(height, width, tile, stride, offset):
+            groups.setdefault((box[1] - box[0], box[3] - box[2]), []).append(box)
+        for (h, w), boxes in groups.items():
+            crops = torch.cat([latents[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])
+            pred = predict(crops, t, boxes, h, w)
+            wmap = _weights(h, w, overlap, device)
+            for (y0, y1, x0, x1), p in zip(boxes, pred, strict=True):
+                noise[0, :, y0:y1, x0:x1] += p * wmap
+                weight[y0:y1, x0:x1] += wmap
+            pixels += len(boxes) * h * w
+            calls += 1
+        latents = scheduler.step(noise / weight, t, latents, return_dict=False)[0]
+    return latents, pixels, calls
 
 
 @torch.no_grad()
@@ -121,60 +176,36 @@ def generate_large_image(
     tile = pipe.unet.config.sample_size
     f = pipe.vae_scale_factor
     multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    _check_large_inputs(embedding_grid, mode, generator, overlap, decode_tile, tile, f)
+    check_large_inputs(embedding_grid, mode, generator, overlap, decode_tile, tile, f)
     gh, gw, d = embedding_grid.shape
     pipe.check_inputs(embedding_grid.reshape(-1, d), tile * f, tile * f, num_inference_steps, guidance_scale, "pt")
     device = pipe._execution_device
     height, width = gh * tile, gw * tile
 
-    # 2. tokens of every grid cell, canvas noise, window schedule
+    # 2. tokens of every grid cell, canvas noise
     tokens = pipe.projector(embedding_grid.reshape(-1, d).to(device))  # (gh·gw, T, C)
     null = pipe.projector.null_tokens(1).to(tokens)
     do_cfg = guidance_scale != 1.0
-    latents = randn_tensor((1, pipe.unet.config.in_channels, height, width), generator=generator, device=device,
-                           dtype=tokens.dtype)
-    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
-    latents = latents * pipe.scheduler.init_noise_sigma
-    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator)) if generator else 0)
-    if mode == "overlap":
-        overlap = overlap if overlap is not None else tile // 4
-        overlap -= overlap % multiple
-        stride = tile - overlap
-    else:
-        overlap, stride = 0, tile
+    latents = initial_latents(pipe.scheduler, num_inference_steps, (1, pipe.unet.config.in_channels, height, width),
+                              None, generator, device, tokens.dtype)
+
+    def predict(crops: torch.Tensor, t: torch.Tensor, boxes: list[Box], h: int, w: int) -> torch.Tensor:
+        if h % multiple or w % multiple:
+            raise RuntimeError(f"window {h}x{w} not divisible by {multiple}")  # offsets are multiples
+        cells = [min((y0 + y1) // 2 // tile, gh - 1) * gw + min((x0 + x1) // 2 // tile, gw - 1)
+                 for y0, y1, x0, x1 in boxes]
+        cond = tokens[cells]
+        model_in = torch.cat([crops, crops]) if do_cfg else crops
+        hidden = torch.cat([null.expand(len(boxes), -1, -1), cond]) if do_cfg else cond
+        pred = pipe.unet(pipe.scheduler.scale_model_input(model_in, t), t, encoder_hidden_states=hidden).sample
+        if do_cfg:
+            uncond, condp = pred.chunk(2)
+            pred = uncond + guidance_scale * (condp - uncond)
+        return pred
 
     # 3. denoise the canvas window by window, the window grid moving every step
-    unet_pixels, calls = 0, 0
-    for t in pipe.scheduler.timesteps:
-        if mode == "shifted":
-            offset = tuple(int(v) * multiple for v in rng.integers(0, tile // multiple, size=2))
-        else:
-            offset = (0, 0)
-        noise = torch.zeros_like(latents)
-        weight = torch.zeros((height, width), device=device, dtype=latents.dtype)
-        groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
-        for box in _windows(height, width, tile, stride, offset):
-            groups.setdefault((box[1] - box[0], box[3] - box[2]), []).append(box)
-        for (h, w), boxes in groups.items():
-            if h % multiple or w % multiple:
-                raise RuntimeError(f"window {h}x{w} not divisible by {multiple}")  # offsets are multiples
-            crops = torch.cat([latents[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])
-            cells = [min((y0 + y1) // 2 // tile, gh - 1) * gw + min((x0 + x1) // 2 // tile, gw - 1)
-                     for y0, y1, x0, x1 in boxes]
-            cond = tokens[cells]
-            model_in = torch.cat([crops, crops]) if do_cfg else crops
-            hidden = torch.cat([null.expand(len(boxes), -1, -1), cond]) if do_cfg else cond
-            pred = pipe.unet(pipe.scheduler.scale_model_input(model_in, t), t, encoder_hidden_states=hidden).sample
-            if do_cfg:
-                uncond, condp = pred.chunk(2)
-                pred = uncond + guidance_scale * (condp - uncond)
-            wmap = _weights(h, w, overlap, device)
-            for (y0, y1, x0, x1), p in zip(boxes, pred, strict=True):
-                noise[0, :, y0:y1, x0:x1] += p * wmap
-                weight[y0:y1, x0:x1] += wmap
-            unet_pixels += len(boxes) * h * w
-            calls += 1
-        latents = pipe.scheduler.step(noise / weight, t, latents).prev_sample
+    latents, unet_pixels, calls = denoise_windows(pipe.scheduler, latents, predict, tile, multiple, mode, overlap,
+                                                  generator)
 
     # 4. blended tiled decode
     images = decode_tiled(pipe.vae, latents, tile=decode_tile or 2 * tile * f)

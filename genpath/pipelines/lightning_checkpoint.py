@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from genpath.utils.logging import get_logger
+from genpath.utils.state_dict import as_state_dict
 
 logger = get_logger(__name__)
 
@@ -145,13 +146,4 @@ def read_lightning_state_dict(path: str | Path, argument: str = "src", what: str
         stubbed: list[str] = []
     else:
         data, stubbed = read_lightning_checkpoint(path, argument, what)
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{argument}: expected a state dict (name -> tensor) in {path}, got "
-                         f"{type(data).__name__}{' (empty)' if isinstance(data, dict) else ''}")
-    bad = [k for k, v in data.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"{argument}: expected a state dict of tensors in {path}, got non-tensor entries "
-                         f"{[str(k) for k in bad[:5]]}")
-    return dict(data), stubbed
+    return as_state_dict(data, path, argument), stubbed

@@ -24,22 +24,15 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from genpath.encoders.reference import copy_encoder_reference, resolve_inside
 from genpath.masks import check_masks, conditioning_channels, masks_to_conditioning
 from genpath.models.conditioning import EmbeddingProjector
 from genpath.models.vae import decode_tiled, downsampling_factor
-from genpath.pipelines.checks import (
-    MAX_CONDITIONING_SCALE,
-    MAX_GUIDANCE,
-    check_conditioning,
-    check_number,
-    check_steps,
-)
+from genpath.pipelines.checks import check_conditioning, check_mask_sampling
 from genpath.pipelines.embedding_to_image import EmbeddingToImagePipeline, check_latent_components
 from genpath.pipelines.loading import ARGUMENT, GenpathPipelineMixin, check_pretrained_folder
-from genpath.pipelines.noise import GeneratorLike, check_generator
+from genpath.pipelines.noise import GeneratorLike, initial_latents
 from genpath.utils.atomic import atomic_directory
 from genpath.utils.logging import get_logger
 
@@ -164,14 +157,8 @@ class MaskToImagePipeline(GenpathPipelineMixin, DiffusionPipeline):
         if embeddings is not None:
             self.projector.check_embeddings(embeddings)
             check_conditioning(embeddings, "embeddings")
-            if embeddings.shape[0] != inst.shape[0]:
-                raise ValueError(f"embeddings: expected one per mask ({inst.shape[0]}), got {embeddings.shape[0]}")
-        check_steps(num_inference_steps)
-        check_number(guidance_scale, "guidance_scale", 0.0, MAX_GUIDANCE, "1 = no guidance")
-        check_number(scale, "controlnet_conditioning_scale", 0.0, MAX_CONDITIONING_SCALE, "0 ignores the mask")
-        if output_type not in ("pt", "latent"):
-            raise ValueError(f"output_type: expected 'pt' or 'latent', got {output_type!r}")
-        check_generator(generator, inst.shape[0])
+        check_mask_sampling(embeddings, inst.shape[0], num_inference_steps, guidance_scale, scale, output_type,
+                            generator)
         return inst, typ
 
     @torch.no_grad()
@@ -221,9 +208,7 @@ class MaskToImagePipeline(GenpathPipelineMixin, DiffusionPipeline):
 
         # 3. noise and timesteps
         shape = (batch, self.unet.config.in_channels, inst.shape[-2] // f, inst.shape[-1] // f)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=tokens.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = initial_latents(self.scheduler, num_inference_steps, shape, None, generator, device, tokens.dtype)
 
         # 4. denoising with ControlNet residuals
         for t in self.progress_bar(self.scheduler.timesteps):

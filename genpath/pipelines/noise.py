@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 GeneratorLike = torch.Generator | list[torch.Generator] | None
@@ -52,3 +54,31 @@ def shared_noise(shape: tuple[int, ...], generator: GeneratorLike, device: torch
     else:
         noise = torch.randn(one, generator=generator, device=generator.device).expand(shape)
     return noise.to(device, dtype)
+
+
+def initial_latents(scheduler: Any, num_inference_steps: int, shape: tuple[int, ...],  # noqa: ANN401
+                    latents: torch.Tensor | None, generator: GeneratorLike, device: torch.device | str,
+                    dtype: torch.dtype, keep_dtype: bool = False) -> torch.Tensor:
+    """Set the scheduler's timesteps; return the starting latents scaled by its ``init_noise_sigma``.
+
+    Args:
+        scheduler: a diffusers scheduler (its ``set_timesteps`` is called on ``device``).
+        num_inference_steps: scheduler steps.
+        shape: the latent shape ``(B,C,h,w)``.
+        latents: given starting noise of ``shape`` (moved to ``device`` and ``dtype``), or None to draw it.
+        generator: seeds the draw (a list: one per image), as diffusers' ``randn_tensor``.
+        device: where the latents go.
+        dtype: the drawn noise's dtype (and the given latents', unless ``keep_dtype``).
+        keep_dtype: leave the given latents' dtype as it is.
+
+    Raises:
+        ValueError: ``latents`` is not of ``shape`` (one line).
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    return latents.to(device, None if keep_dtype else dtype) * scheduler.init_noise_sigma

@@ -39,12 +39,11 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, PixArtTransformer2DModel
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from genpath.models.vae import decode_tiled, downsampling_factor
 from genpath.pipelines.checks import MAX_GUIDANCE, check_conditioning, check_number, check_size, check_steps
 from genpath.pipelines.loading import GenpathPipelineMixin
-from genpath.pipelines.noise import GeneratorLike, check_generator
+from genpath.pipelines.noise import GeneratorLike, check_generator, initial_latents
 from genpath.pipelines.pixcell_loading import (
     PIXCELL_TRANSFORMERS,
     SD35_VAE,
@@ -283,12 +282,8 @@ class PixCellPipeline(GenpathPipelineMixin, DiffusionPipeline):
 
         # 3. initial noise and timesteps
         shape = (batch, self.transformer.config.in_channels, height // f, width // f)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=tokens.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents.to(device, tokens.dtype) * self.scheduler.init_noise_sigma
+        latents = initial_latents(self.scheduler, num_inference_steps, shape, latents, generator, device,
+                                  tokens.dtype)
 
         # 4. denoising loop
         for t in self.progress_bar(self.scheduler.timesteps):

@@ -30,12 +30,11 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.embeddings import PatchEmbed, PixArtAlphaTextProjection
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
-from diffusers.utils.torch_utils import randn_tensor
 
 from genpath.masks import check_masks
 from genpath.models.vae import encode_tiled
-from genpath.pipelines.checks import MAX_CONDITIONING_SCALE, MAX_GUIDANCE, check_number, check_steps
-from genpath.pipelines.noise import GeneratorLike, check_generator
+from genpath.pipelines.checks import check_mask_sampling
+from genpath.pipelines.noise import GeneratorLike, initial_latents
 from genpath.pipelines.pixcell import PixCellPipeline, PixCellPipelineOutput
 from genpath.pipelines.pixcell_loading import (
     PIXCELL_TRANSFORMERS,
@@ -196,14 +195,8 @@ class PixCellControlNetPipeline(PixCellPipeline):
                              f"{multiple}, got {inst.shape[-2]}x{inst.shape[-1]}")
         if embeddings is not None:
             embeddings = self.check_embeddings(embeddings)
-            if embeddings.shape[0] != inst.shape[0]:
-                raise ValueError(f"embeddings: expected one per mask ({inst.shape[0]}), got {embeddings.shape[0]}")
-        check_steps(num_inference_steps)
-        check_number(guidance_scale, "guidance_scale", 0.0, MAX_GUIDANCE, "1 = no guidance")
-        check_number(scale, "controlnet_conditioning_scale", 0.0, MAX_CONDITIONING_SCALE, "0 ignores the mask")
-        if output_type not in ("pt", "latent"):
-            raise ValueError(f"output_type: expected 'pt' or 'latent', got {output_type!r}")
-        check_generator(generator, inst.shape[0])
+        check_mask_sampling(embeddings, inst.shape[0], num_inference_steps, guidance_scale, scale, output_type,
+                            generator)
         return inst, embeddings
 
     def mask_latents(self, instances: torch.Tensor) -> torch.Tensor:
@@ -257,12 +250,8 @@ class PixCellControlNetPipeline(PixCellPipeline):
 
         # 3. noise and timesteps
         shape = (batch, self.transformer.config.in_channels, inst.shape[-2] // f, inst.shape[-1] // f)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=tokens.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents.to(device, tokens.dtype) * self.scheduler.init_noise_sigma
+        latents = initial_latents(self.scheduler, num_inference_steps, shape, latents, generator, device,
+                                  tokens.dtype)
 
         # 4. denoising: ControlNet residuals added to the transformer's blocks
         for t in self.progress_bar(self.scheduler.timesteps):

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from genpath.models.vae import decode_tiled
-from genpath.pipelines.large_image import LargeImagePipelineOutput, _check_large_inputs, _weights, _windows
+from genpath.pipelines.large_image import Box, LargeImagePipelineOutput, check_large_inputs, denoise_windows
+from genpath.pipelines.noise import initial_latents
 from genpath.pipelines.pixcell import PixCellPipeline
 
 
@@ -64,48 +63,25 @@ def generate_large_pixcell(
     tile, f = pipe.transformer.config.sample_size, pipe.vae_scale_factor
     multiple, side = pipe.transformer.config.patch_size, math.isqrt(pipe.num_tokens)
     cell = tile // side
-    _check_large_inputs(embedding_grid, mode, generator, overlap, decode_tile, tile, f)
+    check_large_inputs(embedding_grid, mode, generator, overlap, decode_tile, tile, f)
     gh, gw, d = embedding_grid.shape
     pipe.check_inputs(embedding_grid.reshape(-1, 1, d).expand(-1, pipe.num_tokens, -1), tile * f, tile * f,
                       num_inference_steps, guidance_scale, "pt")
     device, guided = pipe._execution_device, guidance_scale != 1.0
     height, width = gh * cell, gw * cell
 
-    # 2. canvas noise and window schedule
+    # 2. canvas noise
     cells = embedding_grid.reshape(-1, d)
-    latents = randn_tensor((1, pipe.transformer.config.in_channels, height, width), generator=generator,
-                           device=device, dtype=pipe.transformer.dtype)
-    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
-    latents = latents * pipe.scheduler.init_noise_sigma
-    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator)) if generator else 0)
-    if mode == "overlap":
-        overlap = overlap if overlap is not None else tile // 4
-        overlap -= overlap % multiple
-        stride = tile - overlap
-    else:
-        overlap, stride = 0, tile
+    latents = initial_latents(pipe.scheduler, num_inference_steps,
+                              (1, pipe.transformer.config.in_channels, height, width), None, generator, device,
+                              pipe.transformer.dtype)
+
+    def predict(crops: torch.Tensor, t: torch.Tensor, boxes: list[Box], h: int, w: int) -> torch.Tensor:
+        tokens = torch.stack([cells[window_cells(box, side, cell, (gh, gw))] for box in boxes])
+        return pipe.predict_noise(crops, t, pipe.encode_tokens(tokens, guided), guidance_scale)
 
     # 3. denoise the canvas window by window, the window grid moving every step
-    pixels, calls = 0, 0
-    for t in pipe.scheduler.timesteps:
-        offset = tuple(int(v) * multiple for v in rng.integers(0, tile // multiple, size=2)) \
-            if mode == "shifted" else (0, 0)
-        noise = torch.zeros_like(latents)
-        weight = torch.zeros((height, width), device=device, dtype=latents.dtype)
-        groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
-        for box in _windows(height, width, tile, stride, offset):
-            groups.setdefault((box[1] - box[0], box[3] - box[2]), []).append(box)
-        for (h, w), boxes in groups.items():
-            crops = torch.cat([latents[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in boxes])
-            tokens = torch.stack([cells[window_cells(box, side, cell, (gh, gw))] for box in boxes])
-            pred = pipe.predict_noise(crops, t, pipe.encode_tokens(tokens, guided), guidance_scale)
-            wmap = _weights(h, w, overlap, device)
-            for (y0, y1, x0, x1), p in zip(boxes, pred, strict=True):
-                noise[0, :, y0:y1, x0:x1] += p * wmap
-                weight[y0:y1, x0:x1] += wmap
-            pixels += len(boxes) * h * w
-            calls += 1
-        latents = pipe.scheduler.step(noise / weight, t, latents, return_dict=False)[0]
+    latents, pixels, calls = denoise_windows(pipe.scheduler, latents, predict, tile, multiple, mode, overlap, generator)
 
     # 4. blended tiled decode
     images = decode_tiled(pipe.vae, latents, tile=decode_tile or 2 * tile * f)

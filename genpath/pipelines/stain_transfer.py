@@ -32,10 +32,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 
-from genpath.image_tensor import to_float_batch
 from genpath.models.style import StyleTokenizer, latent_cells
 from genpath.models.vae import decode_tiled, downsampling_factor, encode_tiled
-from genpath.pipelines.checks import check_conditioning, check_steps
+from genpath.pipelines.checks import check_conditioning, check_images, check_steps
 from genpath.pipelines.loading import GenpathPipelineMixin
 from genpath.pipelines.noise import GeneratorLike, check_generator, shared_noise
 from normalization.functional import rgb_to_od, tissue_mask_od
@@ -116,12 +115,7 @@ class StainTransferPipeline(GenpathPipelineMixin, DiffusionPipeline):
             )
 
     def _check_images(self, images: torch.Tensor, name: str) -> torch.Tensor:
-        rgb, _ = to_float_batch(images, name)
-        f = self.vae_scale_factor
-        if rgb.shape[-2] % f or rgb.shape[-1] % f:
-            raise ValueError(f"{name}: expected height and width divisible by the VAE factor {f}, "
-                             f"got {rgb.shape[-2]}x{rgb.shape[-1]}")
-        return rgb
+        return check_images(images, name, self.vae_scale_factor)
 
     @torch.no_grad()
     def reference_cells(self, references: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,9 +54,8 @@ from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DC
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from genpath.image_tensor import to_float_batch
 from genpath.models.vae import downsampling_factor
-from genpath.pipelines.checks import check_conditioning, check_steps
+from genpath.pipelines.checks import check_conditioning, check_images, check_steps
 from genpath.pipelines.loading import GenpathPipelineMixin
 from genpath.pipelines.noise import GeneratorLike, check_generator, shared_noise
 
@@ -134,12 +133,7 @@ class StainFuserPipeline(GenpathPipelineMixin, DiffusionPipeline):
                              f"{self.vae_scale_factor}, got {factor} ({widths})")
 
     def _check_images(self, images: torch.Tensor, name: str) -> torch.Tensor:
-        rgb, _ = to_float_batch(images, name)
-        f = self.vae_scale_factor
-        if rgb.shape[-2] % f or rgb.shape[-1] % f:
-            raise ValueError(f"{name}: expected height and width divisible by the VAE factor {f}, "
-                             f"got {rgb.shape[-2]}x{rgb.shape[-1]}")
-        return rgb
+        return check_images(images, name, self.vae_scale_factor)
 
     @torch.no_grad()
     def encode_target(self, targets: torch.Tensor | Sequence[torch.Tensor], generator: torch.Generator | None = None,

@@ -46,6 +46,7 @@ from torch import nn
 
 from genpath.translation.resnet_generator import NORMS, ResnetGenerator
 from genpath.utils.logging import get_logger
+from genpath.utils.state_dict import as_state_dict
 
 logger = get_logger(__name__)
 
@@ -130,18 +131,10 @@ def read_state_dict(path: str | Path, argument: str = "src") -> dict[str, torch.
         raise ValueError(f"{argument}: expected a weights-only PyTorch state dict in {path}, got a file torch.load("
                          f"weights_only=True) refuses ({type(error).__name__}: {first}); genpath never unpickles "
                          "code") from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):  # a training-script wrapper
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{argument}: expected a state dict (name -> tensor) in {path}, got {type(data).__name__}"
-                         f"{' (empty)' if isinstance(data, dict) else ''}")
-    bad = [k for k, v in data.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"{argument}: expected a state dict of tensors in {path}, got non-tensor entries "
-                         f"{[str(k) for k in bad[:5]]}")
+    data = as_state_dict(data, path, argument)
     if all(k.startswith("module.") for k in data):
         data = {k[len("module."):]: v for k, v in data.items()}
-    return dict(data)
+    return data
 
 
 def _weight(sd: dict[str, torch.Tensor], prefix: str) -> torch.Tensor | None:

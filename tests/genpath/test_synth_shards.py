@@ -31,8 +31,16 @@ REGISTER_PARAMETER = torch.nn.Module.register_parameter  # accelerate patches it
 
 
 def tree(root):
-    """Every file under ``root`` by relative path, with its bytes."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every output file under ``root`` by relative path, with its bytes.
+
+    The extras (dataset card, contact sheet, report.html and its thumbnails) are left out: the card
+    records the command line, which differs between a merge and a single run; the samples,
+    manifest, run.json and embeddings must match byte for byte.
+    """
+    from genpath.report.synth import EXTRA_FILES
+
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in EXTRA_FILES and p.relative_to(root).parts[0] != "report"}
 
 
 def invoke(*args):
@@ -291,3 +299,13 @@ def test_dask_local_process_cluster_from_the_cli(tmp_path, runs, synth_args):
     result = invoke(*synth_args("zarr", tmp_path / "dask", "--executor", "dask", "--workers", 2))
     assert result.exit_code == 1 and "zz_broken.png" in result.output, result.output
     assert tree(tmp_path / "dask") == tree(runs("zarr"))
+
+
+def test_merge_writes_the_extras_of_a_finished_run(tmp_path, runs):
+    from genpath.report.synth import EXTRA_FILES
+
+    parts = [runs("zarr", f"{i}/4") for i in range(4)]
+    assert invoke("synth-merge", *parts, "--out", tmp_path / "merged").exit_code in (0, 1)
+    assert all((tmp_path / "merged" / name).is_file() for name in EXTRA_FILES)
+    assert all((runs("zarr") / name).is_file() for name in EXTRA_FILES)  # an unsharded run writes them too
+    assert not any((part / name).exists() for part in parts for name in EXTRA_FILES)  # shards leave them to the merge
