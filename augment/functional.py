@@ -2,24 +2,41 @@
 
 Inputs are float RGB ``(B,3,H,W)`` in [0, 1]; parameters follow :mod:`augment.params`. The
 transform classes in :mod:`augment.stain` sample those parameters and call these functions.
+
+The colour operations give kornia's results (to float rounding) in a few in-place passes each:
+saturation and hue without HSV tensors, morphology as separable max/min filters, blur as sums of
+shifted slices, the HED shift as one 3×3 map in log space. :func:`apply_augmentation_params`
+skips the samples whose value is the identity. The geometric part lives in :mod:`augment.geometry`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from kornia.color import lab_to_rgb, rgb_to_lab
 from skimage.color import hed_from_rgb, rgb_from_hed
 
+from augment.geometry import (  # noqa: F401 - the geometric functions are part of this module's API
+    _grouped,
+    _per_sample,
+    apply_geometric_params,
+    crop_resize,
+    crop_resize_matrix,
+    dihedral,
+    dihedral_matrix,
+    geometric_matrix,
+)
+from augment.params import PARAM_SCHEMA
 from normalization.functional import (
     concentrations_lstsq,
-    lab_statistics,
     macenko_stain_matrix,
     od_to_rgb,
-    reinhard_transfer,
     render_od,
     rgb_to_od,
     sample_pixels,
     tissue_mask_od,
 )
+from normalization.fused import reinhard_own_statistics_uint8, tissue_mask_of_bytes
 
 _LOG_ADJUST = float(torch.log(torch.tensor(1e-6)))
 HED_FROM_RGB = torch.tensor(hed_from_rgb, dtype=torch.float64)
@@ -61,9 +78,17 @@ def hed_jitter(rgb: torch.Tensor, hed_scale: torch.Tensor, hed_shift: torch.Tens
         >>> torch.allclose(x, y, atol=1e-5)
         True
     """
-    hed = rgb_to_hed(rgb, clip=False)
-    hed = hed * hed_scale.to(hed)[..., None, None] + hed_shift.to(hed)[..., None, None]
-    return hed_to_rgb(hed)
+    # rgb_to_hed, the scale and shift, and hed_to_rgb are affine in log RGB: one 3x3 map per sample,
+    # log x' = Rᵀ·diag(scale)·Hᵀ·log x + log(1e-6)·Rᵀ·shift (H, R: HED_FROM_RGB, RGB_FROM_HED)
+    b = rgb.shape[0]
+    h_t, r_t = HED_FROM_RGB.T.to(rgb.device), RGB_FROM_HED.T.to(rgb.device)
+    scale = hed_scale.to(device=rgb.device, dtype=torch.float64).expand(b, 3)
+    shift = hed_shift.to(device=rgb.device, dtype=torch.float64).expand(b, 3)
+    matrix = (r_t * scale[:, None, :]) @ h_t  # (B,3,3)
+    offset = _LOG_ADJUST * (shift @ RGB_FROM_HED.to(rgb.device))
+    log_rgb = torch.log(rgb.clamp(min=1e-6)).reshape(b, 3, -1)
+    out = torch.baddbmm(offset.to(rgb.dtype)[..., None], matrix.to(rgb.dtype), log_rgb)
+    return out.exp_().clamp_(0.0, 1.0).reshape(rgb.shape)
 
 
 def stain_jitter(
@@ -105,16 +130,35 @@ def lab_transfer(
     Shape:
         rgb ``(B,3,H,W)``, lab_mean/lab_std ``(B,3)``, mask ``(B,H,W)`` or None -> ``(B,3,H,W)``.
     """
-    mean, std = lab_statistics(rgb, mask)
-    return reinhard_transfer(rgb, mean, std, lab_mean.to(rgb), lab_std.to(rgb).clamp(min=1e-3))
+    lab = rgb_to_lab(rgb)  # once, for the statistics and the transfer
+    weight = torch.ones_like(lab[:, :1]) if mask is None else mask[:, None].to(lab)
+    count = weight.sum((-2, -1)).clamp(min=1.0)
+    mean = (lab * weight).sum((-2, -1)) / count
+    std = ((((lab - mean[..., None, None]) ** 2) * weight).sum((-2, -1)) / count).sqrt().clamp(min=1e-3)
+    scale = (lab_std.to(rgb).clamp(min=1e-3) / std)[..., None, None]
+    lab = (lab - mean[..., None, None]) * scale + lab_mean.to(rgb)[..., None, None]
+    lab[:, 0].clamp_(0.0, 100.0)
+    return lab_to_rgb(lab, clip=True)
 
 
-# -- the HistAug transform family (colour, morphology, blur, geometry) ---------------------------
+def lab_transfer_uint8(rgb: torch.Tensor, lab_mean: torch.Tensor, lab_std: torch.Tensor) -> torch.Tensor:
+    """:func:`lab_transfer` for images that came from uint8 (``rgb`` is bytes / 255), through byte tables.
+
+    The tissue mask (RandStainNA's: OD tissue pixels, or every pixel when fewer than 64), the LAB
+    statistics and the transfer use :mod:`normalization.fused`'s tables; the result is bytes / 255
+    within one level of the float path's, rounded.
+
+    Shape:
+        rgb ``(B,3,H,W)`` float holding bytes / 255, lab_mean/lab_std ``(B,3)`` -> ``(B,3,H,W)``.
+    """
+    images = (rgb * 255.0).round_().to(torch.uint8)
+    mask = tissue_mask_of_bytes(images)
+    mask = mask | (mask.flatten(1).sum(-1) < 64)[:, None, None]
+    out = reinhard_own_statistics_uint8(images, mask, lab_mean.float(), lab_std.float().clamp(min=1e-3))
+    return out.to(rgb.dtype).div_(255.0)
 
 
-def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    value = value.to(like.device) if value.dtype == torch.bool else value.to(like)
-    return value.reshape(-1, *([1] * (like.ndim - 1)))
+# -- the HistAug transform family (colour, morphology, blur; geometry in augment.geometry) --------
 
 
 def adjust_brightness(rgb: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -127,223 +171,118 @@ def adjust_brightness(rgb: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_contrast(rgb: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Blend with each image's grey mean (torchvision's contrast; kornia's implementation)."""
-    from kornia.enhance import adjust_contrast_with_mean_subtraction
+    """Blend with each image's grey mean (torchvision's contrast; kornia's formula, its grey weights)."""
+    grey = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype, device=rgb.device)
+    mean = (rgb.mean((-2, -1)) @ grey).reshape(-1, 1, 1, 1)
+    f = _per_sample(factor, rgb)
+    return (rgb * f + mean * (1 - f)).clamp_(0.0, 1.0)
 
-    return adjust_contrast_with_mean_subtraction(rgb, factor.to(rgb))
+
+def _value_chroma(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HSV value (channel max) and chroma (max - min), ``(B,1,H,W)`` each."""
+    value = rgb.amax(-3, keepdim=True)
+    return value, value - rgb.amin(-3, keepdim=True)
 
 
 def adjust_saturation(rgb: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Scale HSV saturation per sample (kornia)."""
-    from kornia.enhance import adjust_saturation as _adjust
+    """Scale HSV saturation per sample, clamped to [0, 1] (kornia's ``adjust_saturation``), without HSV.
 
-    return _adjust(rgb, factor.to(rgb)).clamp(0.0, 1.0)
+    With hue and value fixed, every channel moves along ``x' = v - (v - x)·s'/s``, and
+    ``s'/s = min(factor, 1/s)`` where ``s = chroma / (v + 1e-8)`` (kornia's ``eps``).
+    """
+    value, chroma = _value_chroma(rgb)
+    ratio = torch.minimum(_per_sample(factor, rgb), (value + 1e-8).div_(chroma))  # grey (chroma 0): inf, unused
+    return (rgb - value).mul_(ratio).add_(value).clamp_(0.0, 1.0)
 
 
 def adjust_hue(rgb: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by ``turns`` of a full circle per sample (kornia works in radians)."""
-    from kornia.enhance import adjust_hue as _adjust
+    """Rotate hue by ``turns`` of a full circle per sample (kornia's ``adjust_hue``), without HSV tensors.
 
-    return _adjust(rgb, turns.to(rgb) * 2 * torch.pi).clamp(0.0, 1.0)
+    The hue sextant ``h`` in [0, 6) comes from the channel holding the maximum, as in kornia's
+    ``rgb_to_hsv``; the rotated pixel is ``v - chroma·clamp(min(k, 4 - k), 0, 1)`` per channel with
+    ``k = (n + h') mod 6``, n = 5, 3, 1 for R, G, B (the standard HSV-to-RGB formula).
+    """
+    value, chroma = _value_chroma(rgb)
+    r, g, b = rgb.unsqueeze(-3).unbind(-4)  # (B,1,H,W) views
+    # 0/1 float masks and lerp (exact at weights 0 and 1): much cheaper than bool masks and where
+    top_r, top_g = torch.eq(r, value, out=torch.empty_like(value)), torch.eq(g, value, out=torch.empty_like(value))
+    # sextant·chroma, then the sextant: (g-b)/c, (b-r)/c + 2 or (r-g)/c + 4 by the channel holding the max
+    not_r = torch.lerp((r - g).add_(chroma, alpha=4.0), (b - r).add_(chroma, alpha=2.0), top_g)
+    sextant = torch.lerp(not_r, g - b, top_r)
+    sextant.div_(chroma.clamp(min=torch.finfo(rgb.dtype).tiny)).add_(6.0 * _per_sample(turns, rgb))
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=rgb.dtype, device=rgb.device).reshape(3, 1, 1)
+    k = torch.remainder(sextant + n, 6.0)
+    # min(k, 4 - k) = 2 - |k - 2| on [0, 6): all in place
+    weight = k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
+    return weight.mul_(chroma).neg_().add_(value).clamp_(0.0, 1.0)
 
 
 def adjust_gamma(rgb: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """``rgb ** gamma`` per sample (kornia)."""
-    from kornia.enhance import adjust_gamma as _adjust
-
-    return _adjust(rgb, gamma.to(rgb))
-
-
-def _grouped(rgb: torch.Tensor, keys: torch.Tensor, fn) -> torch.Tensor:  # noqa: ANN001 - fn(subset, key)
-    """Apply ``fn(rgb[keys == k], k)`` for every distinct non-zero ``k``; zeros pass through."""
-    out = rgb.clone()
-    for k in keys.unique().tolist():
-        if k != 0:
-            idx = (keys == k).nonzero().flatten().to(rgb.device)
-            out[idx] = fn(rgb[idx], int(k))
-    return out
+    """``rgb ** gamma`` per sample, clamped to [0, 1] (kornia's ``adjust_gamma``)."""
+    # exp(gamma·log x): two vectorised passes, cheaper than pow's; log 0 = -inf gives 0 (gamma > 0)
+    return torch.log(rgb).mul_(_per_sample(gamma, rgb)).exp_().clamp_(0.0, 1.0)
 
 
 def morphology(rgb: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-    """Grey-scale erosion (``radius < 0``) or dilation (``> 0``) with a ``(2r+1)²`` square (kornia).
+    """Grey-scale erosion (``radius < 0``) or dilation (``> 0``) with a ``(2r+1)²`` square (kornia's, geodesic border).
 
     On brightfield H&E, erosion (a minimum filter) grows dark nuclei and dilation shrinks them.
 
     Shape:
         rgb ``(B,3,H,W)``, radius ``(B,)`` integer-valued -> ``(B,3,H,W)``.
     """
-    from kornia.morphology import dilation, erosion
-
     def apply(x: torch.Tensor, r: int) -> torch.Tensor:
-        kernel = torch.ones(2 * abs(r) + 1, 2 * abs(r) + 1, device=x.device, dtype=x.dtype)
-        return (dilation if r > 0 else erosion)(x, kernel, border_type="geodesic")
+        # a flat square window is a separable max (dilation) or min (erosion) filter; the outside is
+        # ignored (kornia's "geodesic" border), and max/min are exact
+        y = _window_extreme(_window_extreme(x, abs(r), -1, r > 0), abs(r), -2, r > 0)
+        return y
 
     return _grouped(rgb, radius.round().long(), apply)
 
 
-def gaussian_blur(rgb: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Gaussian blur with a per-sample ``sigma`` in pixels (0 = unchanged; kornia, reflect border)."""
-    from kornia.filters import gaussian_blur2d
+def _window_extreme(x: torch.Tensor, radius: int, dim: int, largest: bool) -> torch.Tensor:
+    """Max (or min) over the window ``[i - radius, i + radius]`` along ``dim``, outside ignored.
 
+    By doubling: windows of 1, 2, 4, ... from pairwise maxima of shifted slices, then the
+    ``2·radius + 1`` window from two overlapping power-of-two windows (a few elementwise passes).
+    """
+    pick = torch.maximum if largest else torch.minimum
+    fill = float("-inf") if largest else float("inf")
+    n, k = x.shape[dim], 2 * radius + 1
+    pad = [0, 0] * (x.ndim - 1 - (dim % x.ndim)) + [radius, radius]
+    current, width = F.pad(x, pad, value=fill), 1
+    while 2 * width <= k:
+        length = current.shape[dim] - width
+        current = pick(current.narrow(dim, 0, length), current.narrow(dim, width, length))
+        width *= 2
+    return pick(current.narrow(dim, 0, n), current.narrow(dim, k - width, n))
+
+
+def gaussian_blur(rgb: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur with a per-sample ``sigma`` in pixels (0 = unchanged; reflect border).
+
+    Each sample's kernel has its own radius ``ceil(3·sigma)`` (kornia's kernel for that sigma), so a
+    sample's blur does not depend on its batch companions; one grouped separable convolution.
+    """
     sigma = sigma.to(rgb)
     active = sigma > 0
     if not bool(active.any()):
         return rgb.clone()
-    half = max(1, int(torch.ceil(3 * sigma.max())))
-    blurred = gaussian_blur2d(rgb, (2 * half + 1, 2 * half + 1), sigma.clamp(min=1e-3)[:, None].expand(-1, 2))
-    return torch.where(_per_sample(active, rgb), blurred, rgb)
-
-
-def dihedral(rgb: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """One of the 8 symmetries of the square: ``k % 4`` quarter turns, then a horizontal flip if ``k >= 4``.
-
-    Raises:
-        ValueError: non-square images with an odd number of quarter turns.
-    """
-    k = k.round().long()
-    if rgb.shape[-1] != rgb.shape[-2] and bool((k % 2 == 1).any()):
-        raise ValueError(f"dihedral: quarter turns need square images, got {tuple(rgb.shape[-2:])}")
-
-    def apply(x: torch.Tensor, v: int) -> torch.Tensor:
-        x = torch.rot90(x, v % 4, dims=(-2, -1))
-        return x.flip(-1) if v >= 4 else x
-
-    return _grouped(rgb, k, apply)
-
-
-def crop_resize(
-    rgb: torch.Tensor, scale: torch.Tensor, center: torch.Tensor, mode: str = "bilinear", clamp: bool = True
-) -> torch.Tensor:
-    """Crop a square of side ``scale · min(H, W)`` at ``center`` (y, x in [0, 1] of the free room) and resize back.
-
-    Uses kornia's ``crop_and_resize``; ``scale == 1`` leaves a sample unchanged. The pixel map is
-    :func:`crop_resize_matrix`.
-
-    Args:
-        rgb: images ``(B,C,H,W)`` (any channel count, e.g. a mask).
-        scale: crop side as a share of the shorter side, ``(B,)``.
-        center: crop position ``(B,2)``.
-        mode: ``"bilinear"`` for images, ``"nearest"`` for masks and label maps.
-        clamp: clamp the result to [0, 1] (images); off for masks with other values.
-
-    Shape:
-        rgb ``(B,C,H,W)``, scale ``(B,)``, center ``(B,2)`` -> ``(B,C,H,W)``.
-    """
-    from kornia.geometry.transform import crop_and_resize
-
-    h, w = rgb.shape[-2:]
-    scale, center = scale.to(rgb), center.to(rgb)
-    active = scale < 1
-    if not bool(active.any()):
-        return rgb.clone()
-    x0, y0, side = _crop_box(scale, center, (h, w))
-    y1, x1 = y0 + side - 1, x0 + side - 1
-    boxes = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1), torch.stack([x1, y1], -1),
-                         torch.stack([x0, y1], -1)], 1)  # (B,4,2) x,y clockwise from top-left
-    cropped = crop_and_resize(rgb, boxes, (h, w), mode=mode, align_corners=True)
-    if clamp:
-        cropped = cropped.clamp(0.0, 1.0)
-    return torch.where(_per_sample(active, rgb), cropped, rgb)
-
-
-# -- the geometric part as 3x3 pixel maps (kornia convention: (x, y), pixel centres at integers) ---
-
-
-def _crop_box(scale: torch.Tensor, center: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-    h, w = size
-    side = scale * min(h, w)
-    return center[:, 1] * (w - side), center[:, 0] * (h - side), side
-
-
-def crop_resize_matrix(scale: torch.Tensor, center: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Return the ``(B,3,3)`` map from input to output pixel coordinates ``(x, y, 1)`` of :func:`crop_resize`.
-
-    Identity where ``scale >= 1`` (those samples are left unchanged).
-
-    Example:
-        >>> m = crop_resize_matrix(torch.tensor([0.6]), torch.tensor([[0.0, 0.0]]), (5, 5))
-        >>> (m[0] @ torch.tensor([2.0, 2.0, 1.0])).tolist()  # the crop's corner goes to the image's corner
-        [4.0, 4.0, 1.0]
-    """
-    h, w = size
-    dtype = scale.dtype if scale.is_floating_point() else torch.float32
-    scale, center = scale.to(dtype), center.to(dtype)
-    x0, y0, side = _crop_box(scale, center, size)
-    sx, sy = (w - 1) / (side - 1), (h - 1) / (side - 1)
-    m = torch.eye(3, dtype=dtype, device=scale.device).repeat(len(scale), 1, 1)
-    m[:, 0, 0], m[:, 0, 2], m[:, 1, 1], m[:, 1, 2] = sx, -x0 * sx, sy, -y0 * sy
-    return torch.where((scale < 1)[:, None, None], m, torch.eye(3, dtype=dtype, device=scale.device))
-
-
-def dihedral_matrix(k: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Return the ``(B,3,3)`` map from input to output pixel coordinates ``(x, y, 1)`` of :func:`dihedral`.
-
-    A quarter turn (``torch.rot90``) sends ``(x, y)`` to ``(y, W-1-x)``; the flip sends ``x`` to ``W-1-x``.
-
-    Raises:
-        ValueError: non-square ``size`` with an odd number of quarter turns.
-
-    Example:
-        >>> dihedral_matrix(torch.tensor([4]), (3, 3))[0].tolist()  # horizontal flip
-        [[-1.0, 0.0, 2.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
-    """
-    k = k.round().long()
-    if size[0] != size[1] and bool((k % 2 == 1).any()):
-        raise ValueError(f"dihedral: quarter turns need square images, got {tuple(size)}")
-    elements = []
-    for v in range(8):
-        m, (h, w) = torch.eye(3, dtype=torch.float64), size
-        for _ in range(v % 4):
-            m = torch.tensor([[0.0, 1.0, 0.0], [-1.0, 0.0, w - 1.0], [0.0, 0.0, 1.0]], dtype=torch.float64) @ m
-            h, w = w, h
-        if v >= 4:
-            m = torch.tensor([[-1.0, 0.0, w - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64) @ m
-        elements.append(m)
-    return torch.stack(elements)[k.cpu()].to(device=k.device, dtype=torch.float32)
-
-
-def geometric_matrix(params: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """Return the ``(B,3,3)`` pixel map of the geometric keys of ``params`` (crop, then dihedral), as applied.
-
-    It is what kornia needs to move masks, boxes and keypoints with the image, and to invert.
-
-    Example:
-        >>> geometric_matrix({"dihedral": torch.tensor([0.0])}, (4, 4))[0].equal(torch.eye(3))
-        True
-    """
-    n = len(next(iter(params.values())))
-    m = torch.eye(3).repeat(n, 1, 1)
-    if "crop_scale" in params:
-        scale = params["crop_scale"].float()
-        center = params.get("crop_center", torch.full((n, 2), 0.5)).float()
-        m = crop_resize_matrix(scale.cpu(), center.cpu(), size) @ m
-    if "dihedral" in params:
-        m = dihedral_matrix(params["dihedral"].cpu(), size) @ m
-    return m
-
-
-def apply_geometric_params(x: torch.Tensor, params: dict[str, torch.Tensor], mode: str = "nearest") -> torch.Tensor:
-    """Only the geometric keys of ``params`` (crop, then dihedral), for masks and label maps.
-
-    Any channel count and value range: nothing is clamped, colour keys are ignored, and ``mode``
-    (``"nearest"`` by default) keeps label values exact.
-
-    Shape:
-        x ``(B,C,H,W)`` float -> ``(B,C,H,W)``.
-
-    Example:
-        >>> mask = torch.zeros(1, 1, 4, 4)
-        >>> mask[0, 0, 0, 0] = 7.0
-        >>> apply_geometric_params(mask, {"dihedral": torch.tensor([4]), "hue": torch.tensor([0.3])})[0, 0, 0]
-        tensor([0., 0., 0., 7.])
-    """
-    out = x
-    if "crop_scale" in params:
-        center = params.get("crop_center", torch.full((len(params["crop_scale"]), 2), 0.5))
-        out = crop_resize(out, params["crop_scale"], center, mode=mode, clamp=False)
-    if "dihedral" in params:
-        out = dihedral(out, params["dihedral"])
-    return out if out is not x else x.clone()
+    b, c, h, w = rgb.shape
+    radius = torch.ceil(3 * sigma).clamp(min=1)
+    half = int(radius.max())
+    x = torch.arange(-half, half + 1, dtype=rgb.dtype, device=rgb.device)
+    kernel = torch.exp(-(x**2) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2)) * (x.abs() <= radius[:, None])
+    taps = (kernel / kernel.sum(-1, keepdim=True)).T.reshape(-1, b, 1, 1, 1)  # (K,B,1,1,1)
+    padded = F.pad(rgb, (half, half, half, half), mode="reflect")
+    # separable, as sums of shifted slices (cheaper than a depthwise convolution on the CPU)
+    rows = padded[..., :, :w] * taps[0]
+    for i in range(1, len(taps)):
+        rows.addcmul_(padded[..., :, i : i + w], taps[i])
+    out = rows[..., :h, :] * taps[0]
+    for i in range(1, len(taps)):
+        out.addcmul_(rows[..., i : i + h, :], taps[i])
+    return out if bool(active.all()) else torch.where(_per_sample(active, rgb), out, rgb)
 
 
 #: the order in which :func:`apply_augmentation_params` applies the keys present.
@@ -374,13 +313,35 @@ def apply_augmentation_params(rgb: torch.Tensor, params: dict[str, torch.Tensor]
             continue
         value = params[key]
         if key == "crop_scale":
-            x = crop_resize(x, value, params.get("crop_center", torch.full((len(value), 2), 0.5)))
+            center = params.get("crop_center", torch.full((len(value), 2), 0.5))
+            x = _on_active(x, value < 1, crop_resize, value, center)
         elif key == "hed_shift":
             scale = params.get("hed_scale", torch.ones_like(value))
-            x = hed_jitter(x, scale, value)
+            x = _on_active(x, (value != 0).any(-1) | (scale != 1).any(-1), _hed_scale_shift, value, scale)
         else:
-            x = _SIMPLE[key](x, value)
+            x = _on_active(x, value != PARAM_SCHEMA[key].identity, _SIMPLE[key], value)
     return x if x is not rgb else rgb.clone()
+
+
+def _hed_scale_shift(rgb: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return hed_jitter(rgb, scale, shift)
+
+
+def _on_active(x: torch.Tensor, active: torch.Tensor, fn, *values: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """``fn(x, *values)`` on the samples whose value is not the identity; the others are left as they are.
+
+    Every transform here acts on each sample alone, so this gives each sample what the whole-batch
+    call would (to float rounding), and skips the work (HSV, blur, resampling) on the rest.
+    """
+    active = active.to(x.device)
+    if not bool(active.any()):
+        return x
+    if bool(active.all()):
+        return fn(x, *values)
+    index = active.nonzero().flatten()
+    out = x.clone()
+    out[index] = fn(x[index], *(v[index.to(v.device)] for v in values))
+    return out
 
 
 _SIMPLE = {

@@ -87,9 +87,9 @@ class RandomHistologyTransform(ReplayableImageMixin, GeometricAugmentationBase2D
         self, input: torch.Tensor, params: dict[str, torch.Tensor], flags: dict[str, Any]
     ) -> torch.Tensor:
         """Return the ``(B,3,3)`` pixel map of the sampled crop and dihedral element (identity without them)."""
-        check_param_ranges(params, self.param_keys)
         if not self.geometric_keys:
             return self.identity_matrix(input)
+        check_param_ranges(params, self.geometric_keys)  # the rest is checked where it is applied
         size = (int(input.shape[-2]), int(input.shape[-1]))
         return geometric_matrix({k: params[k] for k in self.geometric_keys}, size).to(input)
 

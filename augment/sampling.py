@@ -122,7 +122,7 @@ class AugmentationSampler:
             on = rand(m) < self.p_each
             for key in TRANSFORM_KEYS[name]:
                 spec = PARAM_SCHEMA[key]
-                identity = torch.full((m, *spec.shape), float(spec.identity))
+                identity = float(spec.identity)  # a scalar: the same float32 arithmetic as a full tensor
                 if key == "dihedral":
                     value = torch.randint(0, 8, (m,), generator=generator).float()
                 elif key == "morphology":
@@ -134,7 +134,8 @@ class AugmentationSampler:
                 else:
                     low, high = self.ranges[key]
                     value = low + (high - low) * rand(m, *spec.shape)
-                    value = identity + strength * (value - identity)
-                mask = on.reshape(m, *([1] * len(spec.shape)))
-                out[key] = torch.where(mask, value, identity).expand(n, *spec.shape).clone()
+                    if strength != 1.0:
+                        value = identity + strength * (value - identity)
+                value = torch.where(on.reshape(m, *([1] * len(spec.shape))), value, identity)
+                out[key] = value if m == n else value.expand(n, *spec.shape).clone()
         return out

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from augment.base import IntensityAugmentationBase2D, ReplayableImageMixin
-from augment.functional import hed_jitter, lab_transfer, stain_jitter
+from augment.functional import hed_jitter, lab_transfer, lab_transfer_uint8, stain_jitter
 from genpath.image_tensor import to_float_batch
 from normalization.functional import lab_statistics, rgb_to_od, tissue_mask_od
 
@@ -222,6 +222,8 @@ class RandomStainNA(StainAugmentationBase):
     def apply_transform(
         self, input: torch.Tensor, params: dict[str, torch.Tensor], flags: dict[str, Any], transform: Any = None
     ) -> torch.Tensor:
+        if getattr(self, "_from_uint8", False):  # bytes / 255: the byte-table path, within a level
+            return lab_transfer_uint8(input, params["lab_mean"], params["lab_std"])
         mask = tissue_mask_od(rgb_to_od(input))
         # Tiles with (almost) no tissue use all pixels, so their statistics stay defined.
         mask = mask | (mask.flatten(1).sum(-1) < 64)[:, None, None]

@@ -26,10 +26,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from genpath.image_tensor import to_float_batch
+from genpath.image_tensor import check_image, to_float_batch
 from genpath.utils.atomic import atomic_path
 from genpath.utils.logging import get_logger
 from normalization.functional import rgb_to_od, sample_pixels, tissue_mask_od
+from normalization.fused import od_of_bytes
 from normalization.registry import REGISTRY, available_methods, build_normalizer, load_plugins, register_normalizer
 
 logger = get_logger(__name__)
@@ -60,6 +61,13 @@ def _non_finite(state: dict[str, torch.Tensor]) -> tuple[str | None, str]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return name, "NaN" if bool(torch.isnan(tensor).any()) else "infinity"
     return None, ""
+
+
+def _uint8_batch(images: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """Check a uint8 image tensor and return it as a ``(B,3,H,W)`` view plus the rank restore."""
+    images = check_image(images, "images")
+    squeeze = images.ndim == 3
+    return (images[None] if squeeze else images), (lambda out: out.squeeze(0) if squeeze else out)
 
 
 class StainNormalizer(nn.Module):
@@ -129,6 +137,17 @@ class StainNormalizer(nn.Module):
     def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    #: Whether the subclass maps uint8 batches itself (:meth:`_normalize_uint8`,
+    #: :meth:`_apply_source_uint8`, fused table kernels of :mod:`normalization.fused`) instead of
+    #: through float; its output is then within one level of the float path's, rounded.
+    fused_uint8: ClassVar[bool] = False
+
+    def _normalize_uint8(self, images: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _apply_source_uint8(self, images: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
     def _tissue_mask(self, od_pixels: torch.Tensor) -> torch.Tensor:
         return tissue_mask_od(od_pixels, self.beta, self.od_max, dim=-1)
 
@@ -140,13 +159,16 @@ class StainNormalizer(nn.Module):
         subset (at most ``max_pixels`` per tile), not on every pixel.
 
         Shape:
-            rgb ``(B,3,H,W)`` float, user_mask ``(B,H,W)`` bool or None.
+            rgb ``(B,3,H,W)`` float or uint8, user_mask ``(B,H,W)`` bool or None.
         """
         rgb_px = sample_pixels(rgb, self.max_pixels)
-        od_px = rgb_to_od(rgb_px, self.io)
+        if rgb_px.is_floating_point():
+            od_px = rgb_to_od(rgb_px, self.io)
+        else:  # uint8: the values of converting the whole batch first, OD by a byte table
+            rgb_px, od_px = rgb_px.to(torch.float32) / 255.0, od_of_bytes(rgb_px, self.io)
         mask = self._tissue_mask(od_px)
         if user_mask is not None:
-            mask = mask & (sample_pixels(user_mask[:, None].to(rgb), self.max_pixels)[..., 0] > 0.5)
+            mask = mask & (sample_pixels(user_mask[:, None].to(rgb_px), self.max_pixels)[..., 0] > 0.5)
         count, n = mask.sum(-1), mask.shape[-1]
         enough = (count >= min(self.min_tissue_pixels, n)) & (count >= self.min_tissue_fraction * n)
         return TissueSample(rgb_px, od_px, mask, enough)
@@ -316,13 +338,17 @@ class StainNormalizer(nn.Module):
                 f"{type(self).__name__} is not fitted: call .fit(target_images) "
                 f"or {type(self).__name__}.load(path) before normalizing"
             )
-        rgb, restore = to_float_batch(images, "images")
+        fused = self.fused_uint8 and isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+        rgb, restore = _uint8_batch(images) if fused else to_float_batch(images, "images")
         rgb = rgb.to(self.fitted.device)
         if source is not None:
             b = rgb.shape[0]
-            stats = {k: v.to(rgb)[None].expand(b, *v.shape) for k, v in source.items()}
-            out = self._apply_source(rgb, stats)
+            dtype = torch.float32 if fused else rgb.dtype
+            stats = {k: v.to(device=rgb.device, dtype=dtype)[None].expand(b, *v.shape) for k, v in source.items()}
+            out = self._apply_source_uint8(rgb, stats) if fused else self._apply_source(rgb, stats)
             valid = torch.ones(b, dtype=torch.bool, device=rgb.device)
+        elif fused:
+            out, valid = self._normalize_uint8(rgb, self.sample_tissue(rgb))
         else:
             out, valid = self._normalize(rgb, self.sample_tissue(rgb))
         if not bool(valid.all()) and (self.on_invalid == "passthrough" or not self.supports_reference):

@@ -16,12 +16,12 @@ tiles. Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from genpath.utils.quiet_imports import import_kornia
+from normalization.fastmath import inverse_2x2, largest_eigenvalue_2x2, masked_quantile, pinv_stains
 
 import_kornia()  # before kornia: no import-time TorchScript deprecation noise
 
@@ -77,7 +77,7 @@ def tissue_mask_od(od: torch.Tensor, beta: float = 0.15, od_max: float = 3.0, di
     Shape:
         od ``(B,3,H,W)`` -> mask ``(B,H,W)``; with ``dim=-1``, pixels ``(B,N,3)`` -> ``(B,N)``.
     """
-    return (od >= beta).all(dim=dim) & (od.mean(dim=dim) <= od_max)
+    return (od.amin(dim=dim) >= beta) & (od.mean(dim=dim) <= od_max)  # amin: a vectorised (od >= beta).all
 
 
 def sample_pixels(image: torch.Tensor, max_pixels: int = 16384) -> torch.Tensor:
@@ -85,7 +85,8 @@ def sample_pixels(image: torch.Tensor, max_pixels: int = 16384) -> torch.Tensor:
 
     The flat step is made coprime with the width so the subset is a lattice that covers every
     row and column. It depends only on the tile's own size, so estimates are deterministic and
-    independent of batch companions.
+    independent of batch companions. The pixels are stored channel-first (a transposed view of
+    a contiguous ``(B,C,N)``), so per-channel maps and reductions over channels run on contiguous rows.
 
     Shape:
         image ``(B,C,H,W)`` -> pixels ``(B,N,C)`` with ``N <= max_pixels``.
@@ -94,28 +95,7 @@ def sample_pixels(image: torch.Tensor, max_pixels: int = 16384) -> torch.Tensor:
     step = max(1, -(-h * w // max_pixels))
     while step > 1 and math.gcd(step, w) != 1:  # coprime with the width: a lattice, not a few columns
         step += 1
-    return image.reshape(b, c, h * w)[:, :, ::step].transpose(1, 2)
-
-
-def masked_quantile(values: torch.Tensor, mask: torch.Tensor, q: float | Sequence[float]) -> torch.Tensor:
-    """Quantiles over the masked entries of each row (nearest rank, as torchstain's ``percentile``).
-
-    One sort serves all requested quantiles. Rows without any masked entry return 0.
-
-    Shape:
-        values, mask ``(...,N)`` -> ``(...)`` for a float ``q``, ``(...,len(q))`` for a sequence.
-
-    Example:
-        >>> masked_quantile(torch.arange(5.0)[None], torch.ones(1, 5, dtype=torch.bool), 0.5)
-        tensor([2.])
-    """
-    qs = torch.tensor([q] if isinstance(q, int | float) else list(q), dtype=values.dtype, device=values.device)
-    ordered, _ = values.masked_fill(~mask, float("inf")).sort(dim=-1)
-    count = mask.sum(dim=-1, keepdim=True)
-    index = torch.round(qs * (count - 1).clamp(min=0).to(values.dtype)).long()
-    out = ordered.gather(-1, index)
-    out = torch.where(count > 0, out, torch.zeros_like(out))
-    return out.squeeze(-1) if isinstance(q, int | float) else out
+    return image.reshape(b, c, h * w)[:, :, ::step].contiguous().transpose(1, 2)
 
 
 def concentration_percentiles(
@@ -126,7 +106,7 @@ def concentration_percentiles(
     Shape:
         concentrations ``(B,2,N)``, mask ``(B,N)`` -> ``(B,2)``.
     """
-    return masked_quantile(concentrations, mask.unsqueeze(1).expand_as(concentrations), percentile / 100.0)
+    return masked_quantile(concentrations, mask.unsqueeze(1), percentile / 100.0)
 
 
 def masked_covariance(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -135,11 +115,12 @@ def masked_covariance(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Shape:
         pixels ``(B,N,C)``, mask ``(B,N)`` -> ``(B,C,C)``.
     """
-    weight = mask.to(pixels.dtype).unsqueeze(-1)
-    count = weight.sum(dim=1).clamp(min=2.0)
-    mean = (pixels * weight).sum(dim=1) / count
-    centred = (pixels - mean.unsqueeze(1)) * weight
-    return centred.transpose(1, 2) @ centred / (count - 1.0).unsqueeze(-1)
+    weight = mask.to(pixels.dtype).unsqueeze(1)  # (B,1,N)
+    count = weight.sum(dim=-1, keepdim=True).clamp(min=2.0)  # (B,1,1)
+    kept = pixels.transpose(1, 2) * weight  # (B,C,N), rows contiguous for channel-first samples
+    mean = kept.sum(dim=-1, keepdim=True) / count  # (B,C,1)
+    centred = torch.addcmul(kept, mean, weight, value=-1.0)  # (x - mean)·w, as w is 0 or 1
+    return centred @ centred.transpose(1, 2) / (count - 1.0)
 
 
 def od_plane_validity(
@@ -229,8 +210,8 @@ def macenko_stain_matrix(
     main = eigvecs[..., 2] * torch.where(eigvecs[..., 2].sum(-1, keepdim=True) < 0, -1.0, 1.0)
     second = eigvecs[..., 1]
     plane = torch.stack([main, second], dim=-1)
-    projected = pixels @ plane
-    phi = torch.atan2(projected[..., 1], projected[..., 0])
+    projected = plane.transpose(1, 2) @ pixels.transpose(1, 2)  # (B,2,N): contiguous rows for atan2
+    phi = torch.atan2(projected[:, 1], projected[:, 0])
     phi_lo, phi_hi = masked_quantile(phi, mask, (alpha / 100.0, 1.0 - alpha / 100.0)).unbind(-1)
     v_lo = plane @ torch.stack([torch.cos(phi_lo), torch.sin(phi_lo)], dim=-1).unsqueeze(-1)
     v_hi = plane @ torch.stack([torch.cos(phi_hi), torch.sin(phi_hi)], dim=-1).unsqueeze(-1)
@@ -249,7 +230,7 @@ def concentrations_lstsq(od: torch.Tensor, stains: torch.Tensor) -> torch.Tensor
     """
     b = od.shape[0]
     flat = od.reshape(b, 3, -1)
-    return (torch.linalg.pinv(stains) @ flat).reshape(b, 2, *od.shape[2:])
+    return (pinv_stains(stains) @ flat).reshape(b, 2, *od.shape[2:])
 
 
 def concentrations_nonneg(od: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
@@ -263,18 +244,16 @@ def concentrations_nonneg(od: torch.Tensor, stains: torch.Tensor) -> torch.Tenso
     """
     b = od.shape[0]
     flat = od.reshape(b, 3, -1)
-    free = torch.linalg.pinv(stains) @ flat
-    norms = (stains * stains).sum(1).clamp(min=1e-12)  # (B,2)
-    single = ((stains.transpose(1, 2) @ flat) / norms.unsqueeze(-1)).clamp(min=0)  # (B,2,N)
-
-    def residual(c: torch.Tensor) -> torch.Tensor:
-        return ((stains @ c - flat) ** 2).sum(1)
-
-    only_h = torch.stack([single[:, 0], torch.zeros_like(single[:, 0])], 1)
-    only_e = torch.stack([torch.zeros_like(single[:, 1]), single[:, 1]], 1)
-    best_single = torch.where((residual(only_h) <= residual(only_e)).unsqueeze(1), only_h, only_e)
-    out = torch.where((free >= 0).all(1, keepdim=True), free, best_single)
-    return out.reshape(b, 2, *od.shape[2:])
+    free = pinv_stains(stains) @ flat
+    norms = (stains * stains).sum(1).clamp(min=1e-12).unsqueeze(-1)  # (B,2,1)
+    single = (stains.transpose(1, 2) @ flat).div_(norms).clamp_(min=0)  # (B,2,N): each stain alone
+    # one stain alone at c = max(0, s·y)/|s|² leaves |y|² - c²|s|²: keep the stain with the larger c²|s|²
+    # (H on ties), the same choice as comparing the two residuals
+    gain = single * single * norms
+    keep_h = torch.ge(gain[:, :1], gain[:, 1:], out=torch.empty_like(gain[:, :1]))  # 0/1 floats
+    single.mul_(torch.cat([keep_h, 1.0 - keep_h], 1))
+    feasible = torch.ge(free.amin(1, keepdim=True), 0.0, out=keep_h)
+    return torch.lerp(single, free, feasible).reshape(b, 2, *od.shape[2:])  # exact at 0 and 1
 
 
 def render_od(concentrations: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
@@ -317,14 +296,14 @@ def vahadane_stain_matrix(
     eye = 1e-6 * torch.eye(2, dtype=od.dtype, device=od.device)
     for _ in range(n_iter):
         gram = stains.transpose(1, 2) @ stains  # (B,2,2)
-        lipschitz = torch.linalg.eigvalsh(gram)[..., -1].clamp(min=1e-6)[:, None, None]
-        grad = gram @ conc - stains.transpose(1, 2) @ od
-        conc = (conc - (grad + sparsity) / lipschitz).clamp(min=0)
+        lipschitz = largest_eigenvalue_2x2(gram).clamp(min=1e-6)[:, None, None]
+        grad = torch.baddbmm(gram @ conc, stains.transpose(1, 2), od, alpha=-1.0)  # S'S·C - S'·od
+        conc = conc.sub_(grad.add_(sparsity).div_(lipschitz)).clamp_(min=0)
         hht = conc @ conc.transpose(1, 2)
         # a ridge relative to the Gram's scale: a fixed 1e-6 vanishes in float32 next to large
         # concentrations, leaving a singular matrix when one stain is absent (binary tiles)
         hht = hht + eye * hht.diagonal(dim1=1, dim2=2).sum(-1).clamp(min=1.0)[:, None, None]
-        stains = (od @ conc.transpose(1, 2)) @ torch.linalg.inv(hht)
+        stains = (od @ conc.transpose(1, 2)) @ inverse_2x2(hht)
         stains = F.normalize(stains.clamp(min=0), dim=1)
     stains = order_stains(stains[..., 0], stains[..., 1])
     valid = stain_matrix_validity(stains)
@@ -344,7 +323,7 @@ def stain_transfer_matrix(
         source_stains, target_stains ``(B,3,2)``; source_max, target_max ``(B,2)`` -> ``(B,3,3)``.
     """
     scale = (target_max / source_max.clamp(min=1e-6)).unsqueeze(-1)
-    return target_stains @ (scale * torch.linalg.pinv(source_stains))
+    return target_stains @ (scale * pinv_stains(source_stains))
 
 
 def apply_od_map(rgb: torch.Tensor, matrix: torch.Tensor, io: float = 240.0) -> torch.Tensor:
@@ -354,8 +333,15 @@ def apply_od_map(rgb: torch.Tensor, matrix: torch.Tensor, io: float = 240.0) -> 
         rgb ``(B,3,H,W)``, matrix ``(B,3,3)`` -> ``(B,3,H,W)``.
     """
     b, _, h, w = rgb.shape
-    od = rgb_to_od(rgb, io).reshape(b, 3, h * w)
-    return od_to_rgb(torch.bmm(matrix.to(od), od), io).reshape(b, 3, h, w)
+    flat, m = rgb.reshape(b, 3, h * w), matrix.to(rgb)
+    # io·exp(-M·od) = exp(log(io)·(1 - M·1) + M·log(255·rgb + 1)); 1/255 folded into the exponent
+    bias = math.log(io) * (1.0 - m.sum(-1, keepdim=True)) - math.log(255.0)
+    out = torch.empty_like(flat)
+    step = max(1, 131072 // (h * w)) if rgb.device.type == "cpu" else b  # cache-sized chunks of tiles
+    for i in range(0, b, step):
+        part = torch.baddbmm(bias[i : i + step], m[i : i + step], flat[i : i + step].mul(255.0).log1p_())
+        out[i : i + step] = part.exp_().sub_(1.0 / 255.0).clamp_(0.0, 1.0)
+    return out.reshape(b, 3, h, w)
 
 
 def lab_statistics(

@@ -16,6 +16,7 @@ from normalization.functional import (
     macenko_stain_matrix,
     stain_transfer_matrix,
 )
+from normalization.fused import apply_od_map_uint8
 
 
 class MacenkoNormalizer(StainNormalizer):
@@ -43,6 +44,7 @@ class MacenkoNormalizer(StainNormalizer):
 
     method = "macenko"
     supports_reference = True
+    fused_uint8 = True
 
     def __init__(
         self,
@@ -99,13 +101,23 @@ class MacenkoNormalizer(StainNormalizer):
         maxc = self._max_concentrations(sample, stains)
         return {"stains": stains, "max_concentrations": maxc}, valid & (maxc > 1e-3).all(-1)
 
+    def _source_matrix(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        stains = stats["stains"]
+        b = stains.shape[0]
+        target = self.target_stains.to(stains).expand(b, 3, 2)
+        target_max = self.target_max_concentrations.to(stains).expand(b, 2)
+        return stain_transfer_matrix(stains, stats["max_concentrations"], target, target_max)
+
     def _apply_source(self, rgb: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-        b = rgb.shape[0]
-        target = self.target_stains.to(rgb).expand(b, 3, 2)
-        target_max = self.target_max_concentrations.to(rgb).expand(b, 2)
-        matrix = stain_transfer_matrix(stats["stains"], stats["max_concentrations"], target, target_max)
-        return apply_od_map(rgb, matrix, self.io)
+        return apply_od_map(rgb, self._source_matrix(stats), self.io)
+
+    def _apply_source_uint8(self, images: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return apply_od_map_uint8(images, self._source_matrix(stats), self.io)
 
     def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
         matrix, valid = self.transfer_matrices(sample)
         return apply_od_map(rgb, matrix, self.io), valid
+
+    def _normalize_uint8(self, images: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
+        matrix, valid = self.transfer_matrices(sample)
+        return apply_od_map_uint8(images, matrix, self.io), valid

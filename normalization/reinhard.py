@@ -8,12 +8,26 @@ import torch
 
 from normalization.base import StainNormalizer, TissueSample
 from normalization.functional import lab_statistics, od_eigen, od_plane_validity, reinhard_transfer
+from normalization.fused import lab_of_uint8_pixels, reinhard_transfer_uint8
 
 
-def _sample_lab_statistics(sample: TissueSample, tissue_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """LAB mean and std ``(B,3)`` of the sampled pixels (tissue only, or all)."""
-    pixels = sample.rgb.transpose(1, 2).unsqueeze(-1)  # (B,3,N,1)
-    return lab_statistics(pixels, sample.mask.unsqueeze(-1) if tissue_only else None)
+def _sample_lab_statistics(
+    sample: TissueSample, tissue_only: bool, uint8: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LAB mean and std ``(B,3)`` of the sampled pixels (tissue only, or all).
+
+    With ``uint8`` (the sample came from uint8 tiles) LAB is taken through the byte tables of
+    :func:`~normalization.fused.lab_of_uint8_pixels`: the same values, a few passes instead of kornia's dozens.
+    """
+    if not uint8:
+        pixels = sample.rgb.transpose(1, 2).unsqueeze(-1)  # (B,3,N,1)
+        return lab_statistics(pixels, sample.mask.unsqueeze(-1) if tissue_only else None)
+    lab = lab_of_uint8_pixels((sample.rgb * 255.0).round_().to(torch.uint8))  # (B,3,N)
+    weight = sample.mask[:, None].to(lab) if tissue_only else torch.ones_like(lab[:, :1])
+    count = weight.sum(-1).clamp(min=1.0)
+    mean = (lab * weight).sum(-1) / count
+    var = (((lab - mean.unsqueeze(-1)) ** 2) * weight).sum(-1) / count
+    return mean, var.sqrt().clamp(min=1e-3)
 
 
 class ReinhardNormalizer(StainNormalizer):
@@ -37,6 +51,7 @@ class ReinhardNormalizer(StainNormalizer):
     """
 
     method = "reinhard"
+    fused_uint8 = True
 
     def __init__(self, tissue_only: bool = True, min_std: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -46,7 +61,7 @@ class ReinhardNormalizer(StainNormalizer):
         self.register_buffer("target_std", torch.ones(3))
 
     def _tissue_mask(self, od_pixels: torch.Tensor) -> torch.Tensor:
-        stained = (od_pixels >= self.beta).any(dim=-1)
+        stained = od_pixels.amax(dim=-1) >= self.beta  # a vectorised (od >= beta).any
         return stained & (od_pixels.mean(dim=-1) <= self.od_max)
 
     def _fit_target(self, sample: TissueSample) -> None:
@@ -63,10 +78,20 @@ class ReinhardNormalizer(StainNormalizer):
         target_mean, target_std = self.target_mean.to(rgb).expand(b, 3), self.target_std.to(rgb).expand(b, 3)
         return reinhard_transfer(rgb, stats["mean"], stats["std"], target_mean, target_std)
 
-    def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
-        b = rgb.shape[0]
-        mean, std = _sample_lab_statistics(sample, self.tissue_only)
+    def _apply_source_uint8(self, images: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        b = images.shape[0]
+        target_mean, target_std = self.target_mean.float().expand(b, 3), self.target_std.float().expand(b, 3)
+        return reinhard_transfer_uint8(images, stats["mean"], stats["std"], target_mean, target_std)
+
+    def _tile_statistics(self, sample: TissueSample, uint8: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        mean, std = _sample_lab_statistics(sample, self.tissue_only, uint8)
         has_stains = od_plane_validity(od_eigen(sample.od, sample.mask)[0])  # rejects noise and flat tiles
-        valid = sample.enough & (std > self.min_std).any(-1) & has_stains
-        target_mean, target_std = self.target_mean.to(rgb).expand(b, 3), self.target_std.to(rgb).expand(b, 3)
-        return reinhard_transfer(rgb, mean, std, target_mean, target_std), valid
+        return {"mean": mean, "std": std}, sample.enough & (std > self.min_std).any(-1) & has_stains
+
+    def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
+        stats, valid = self._tile_statistics(sample, uint8=False)
+        return self._apply_source(rgb, stats), valid
+
+    def _normalize_uint8(self, images: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
+        stats, valid = self._tile_statistics(sample, uint8=True)
+        return self._apply_source_uint8(images, stats), valid

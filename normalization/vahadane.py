@@ -18,6 +18,7 @@ from normalization.functional import (
     rgb_to_od,
     vahadane_stain_matrix,
 )
+from normalization.fused import vahadane_apply_uint8
 
 
 class VahadaneNormalizer(StainNormalizer):
@@ -42,6 +43,7 @@ class VahadaneNormalizer(StainNormalizer):
 
     method = "vahadane"
     supports_reference = True
+    fused_uint8 = True
 
     def __init__(
         self, sparsity: float = 0.1, n_iter: int = 60, percentile: float = 99.0, **kwargs: Any
@@ -78,18 +80,25 @@ class VahadaneNormalizer(StainNormalizer):
         stains, maxc, valid = self._estimate(sample)
         return {"stains": stains, "max_concentrations": maxc}, valid
 
+    def _targets(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = like.shape[0]
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+        return (self.target_stains.to(dtype).expand(b, 3, 2),
+                self.target_max_concentrations.to(dtype).expand(b, 2))
+
     def _apply_source(self, rgb: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-        b = rgb.shape[0]
-        target = self.target_stains.to(rgb).expand(b, 3, 2)
-        target_max = self.target_max_concentrations.to(rgb).expand(b, 2)
+        target, target_max = self._targets(rgb)
         conc = concentrations_nonneg(rgb_to_od(rgb, self.io), stats["stains"])
         conc = conc * (target_max / stats["max_concentrations"].clamp(min=1e-3))[..., None, None]
         return od_to_rgb(render_od(conc, target), self.io)
 
-    def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
-        b = rgb.shape[0]
-        target = self.target_stains.to(rgb).expand(b, 3, 2)
-        target_max = self.target_max_concentrations.to(rgb).expand(b, 2)
+    def _apply_source_uint8(self, images: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        target, target_max = self._targets(images)
+        scale = target_max / stats["max_concentrations"].clamp(min=1e-3)
+        return vahadane_apply_uint8(images, stats["stains"], scale, target, self.io)
+
+    def _tile_statistics(self, sample: TissueSample) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        target, target_max = self._targets(sample.od)
         stains, maxc, valid = self._estimate(sample)
         valid = valid & sample.enough
         if self.on_invalid == "reference":
@@ -97,6 +106,12 @@ class VahadaneNormalizer(StainNormalizer):
             ref_conc = concentrations_nonneg(sample.od.transpose(1, 2), target)
             ref_max = concentration_percentiles(ref_conc, sample.mask, self.percentile)
             maxc = torch.where(valid[:, None], maxc, torch.where(ref_max > 1e-3, ref_max, target_max))
-        conc = concentrations_nonneg(rgb_to_od(rgb, self.io), stains)
-        conc = conc * (target_max / maxc.clamp(min=1e-3))[..., None, None]
-        return od_to_rgb(render_od(conc, target), self.io), valid
+        return {"stains": stains, "max_concentrations": maxc}, valid
+
+    def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
+        stats, valid = self._tile_statistics(sample)
+        return self._apply_source(rgb, stats), valid
+
+    def _normalize_uint8(self, images: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
+        stats, valid = self._tile_statistics(sample)
+        return self._apply_source_uint8(images, stats), valid
