@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("genpath/utils", "genpath/wsi", "genpath/apps", "genpath/io", "genpath/encoders", "genpath/report", "normalization",
-            "augment")
+PACKAGES = ("genpath/utils", "genpath/wsi", "genpath/apps", "genpath/io", "genpath/encoders", "genpath/report",
+            "normalization", "augment")
 FILES = ("genpath/config.py", "genpath/training/options.py", "genpath/training/draws.py",
          "genpath/training/sampler.py", "genpath/training/task.py", "genpath/tiling.py", "genpath/tissue.py",
          "genpath/image_tensor.py", "genpath/data.py")
