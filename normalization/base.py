@@ -13,7 +13,6 @@ lives here so that every method behaves the same.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -68,6 +67,26 @@ def _uint8_batch(images: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Te
     images = check_image(images, "images")
     squeeze = images.ndim == 3
     return (images[None] if squeeze else images), (lambda out: out.squeeze(0) if squeeze else out)
+
+
+class SlideMap:
+    """A normalizer bound to one slide's source statistics: the tile function the slide engine streams.
+
+    Calling it normalizes windows with the fixed statistics; :meth:`vips_map` gives the same
+    per-pixel map as a libvips pipeline (:mod:`normalization.vips_maps`) when the method has one,
+    which the engine then runs on the whole slide in C (:mod:`genpath.wsi.vips_slide`).
+    """
+
+    def __init__(self, normalizer: StainNormalizer, stats: dict[str, torch.Tensor]) -> None:
+        self.normalizer, self.stats = normalizer, stats
+
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.normalizer(windows, source=self.stats)
+
+    def vips_map(self, image: Any) -> Any | None:
+        """``image`` (a 3-band uchar ``pyvips.Image``) through this slide's map, or None."""
+        stats = {k: v.detach().float().cpu() for k, v in self.stats.items()}
+        return self.normalizer._vips_map(image, stats)
 
 
 class StainNormalizer(nn.Module):
@@ -300,7 +319,11 @@ class StainNormalizer(nn.Module):
             stats = self.estimate_source(images, mask)
         except ValueError:
             return None
-        return functools.partial(self.__call__, source=stats)
+        return SlideMap(self, stats)
+
+    def _vips_map(self, image: Any, stats: dict[str, torch.Tensor]) -> Any | None:
+        """Return the map for fixed source ``stats`` as a libvips pipeline on ``image``, or None (none here)."""
+        return None
 
     def _estimate_source(self, sample: TissueSample) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} does not support fixed source statistics")

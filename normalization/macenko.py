@@ -17,6 +17,7 @@ from normalization.functional import (
     stain_transfer_matrix,
 )
 from normalization.fused import apply_od_map_uint8
+from normalization.vips_maps import od_map_vips
 
 
 class MacenkoNormalizer(StainNormalizer):
@@ -113,6 +114,9 @@ class MacenkoNormalizer(StainNormalizer):
 
     def _apply_source_uint8(self, images: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         return apply_od_map_uint8(images, self._source_matrix(stats), self.io)
+
+    def _vips_map(self, image: Any, stats: dict[str, torch.Tensor]) -> Any | None:
+        return od_map_vips(image, self._source_matrix({k: v[None] for k, v in stats.items()})[0], self.io)
 
     def _normalize(self, rgb: torch.Tensor, sample: TissueSample) -> tuple[torch.Tensor, torch.Tensor]:
         matrix, valid = self.transfer_matrices(sample)

@@ -8,7 +8,8 @@ import torch
 
 from normalization.base import StainNormalizer, TissueSample
 from normalization.functional import lab_statistics, od_eigen, od_plane_validity, reinhard_transfer
-from normalization.fused import lab_of_uint8_pixels, reinhard_transfer_uint8
+from normalization.fused import lab_of_uint8_pixels, lab_transfer_matrices, reinhard_transfer_uint8
+from normalization.vips_maps import reinhard_lab_map_vips
 
 
 def _sample_lab_statistics(
@@ -82,6 +83,11 @@ class ReinhardNormalizer(StainNormalizer):
         b = images.shape[0]
         target_mean, target_std = self.target_mean.float().expand(b, 3), self.target_std.float().expand(b, 3)
         return reinhard_transfer_uint8(images, stats["mean"], stats["std"], target_mean, target_std)
+
+    def _vips_map(self, image: Any, stats: dict[str, torch.Tensor]) -> Any | None:
+        p, q = lab_transfer_matrices(stats["mean"][None], stats["std"][None], self.target_mean.float().cpu()[None],
+                                     self.target_std.float().cpu()[None])
+        return reinhard_lab_map_vips(image, p[0], q[0])
 
     def _tile_statistics(self, sample: TissueSample, uint8: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         mean, std = _sample_lab_statistics(sample, self.tissue_only, uint8)

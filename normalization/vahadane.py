@@ -19,6 +19,7 @@ from normalization.functional import (
     vahadane_stain_matrix,
 )
 from normalization.fused import vahadane_apply_uint8
+from normalization.vips_maps import nnls_od_map_vips
 
 
 class VahadaneNormalizer(StainNormalizer):
@@ -96,6 +97,11 @@ class VahadaneNormalizer(StainNormalizer):
         target, target_max = self._targets(images)
         scale = target_max / stats["max_concentrations"].clamp(min=1e-3)
         return vahadane_apply_uint8(images, stats["stains"], scale, target, self.io)
+
+    def _vips_map(self, image: Any, stats: dict[str, torch.Tensor]) -> Any | None:
+        target, target_max = self.target_stains.float().cpu(), self.target_max_concentrations.float().cpu()
+        scale = target_max / stats["max_concentrations"].clamp(min=1e-3)
+        return nnls_od_map_vips(image, stats["stains"], scale, target, self.io)
 
     def _tile_statistics(self, sample: TissueSample) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         target, target_max = self._targets(sample.od)

@@ -28,6 +28,7 @@ from genpath.utils.logging import get_logger
 from genpath.wsi.hooks import TileFunction, tile_function_for_slide
 from genpath.wsi.options import SlideOptions, SlideResult
 from genpath.wsi.qc import write_qc
+from genpath.wsi.vips_slide import vips_source, write_mapped_slide
 
 logger = get_logger(__name__)
 
@@ -128,6 +129,50 @@ def _fit_images(
     return sample_tissue_windows(reader, mask, mask_ds, options.level, options), None
 
 
+def _foreground_grid(grid: TileGrid, is_foreground: Callable[[int, int], bool]) -> np.ndarray:
+    """``(rows, cols)`` bool: which windows go through the tile function."""
+    return np.array([[is_foreground(r, c) for c in range(grid.cols)] for r in range(grid.rows)], dtype=bool)
+
+
+def _write_with_vips(
+    reader: SlideReader,
+    output: Path,
+    tile_function: TileFunction,
+    options: SlideOptions,
+    grid: TileGrid,
+    is_foreground: Callable[[int, int], bool],
+    mpp: float | None,
+    progress: Callable[[int, int], None] | None,
+) -> bool:
+    """Write the slide through libvips when the tile function is a fixed per-pixel map with a libvips form.
+
+    Returns False (nothing written) when the fast path does not apply or libvips fails: the
+    caller then runs the tile engine, so failures and their messages stay those of that path.
+    """
+    vips_map = getattr(tile_function, "vips_map", None)
+    if not callable(vips_map):
+        return False
+    source = vips_source(reader, options)
+    mapped = None if source is None else vips_map(source)
+    if mapped is None:
+        return False
+    import pyvips
+
+    total = grid.rows * grid.cols
+
+    def report(share: float) -> None:
+        if progress:
+            progress(round(share * total), total)
+
+    try:
+        write_mapped_slide(source, mapped, _foreground_grid(grid, is_foreground), output, options, mpp, report)
+    except pyvips.Error as error:
+        logger.warning("%s: libvips failed (%s); using the tile engine", reader.path, str(error).splitlines()[0])
+        return False
+    logger.info("%s: written by libvips (fixed per-pixel map)", reader.path)
+    return True
+
+
 def _process_open_slide(
     reader: SlideReader,
     output: Path,
@@ -190,7 +235,9 @@ def _process_open_slide(
 
     output.parent.mkdir(parents=True, exist_ok=True)
     logger.info("%s: %dx%d at level %d, %d windows", reader.path, width, height, level, total)
-    if options.output_format == "tiff":
+    if _write_with_vips(reader, output, tile_function, options, grid, is_foreground, out_mpp, progress):
+        counts["done"], counts["tissue"] = total, int(_foreground_grid(grid, is_foreground).sum())
+    elif options.output_format == "tiff":
         writer = TiffPyramidWriter(output, width, height, options.tile_size, out_mpp, options.compression,
                                    options.quality, options.aperio)
         strips = iter_strips(read, grid, process, is_foreground, batch_size=batch_size,

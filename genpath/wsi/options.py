@@ -41,6 +41,9 @@ class SlideOptions:
         feather: blending ramp, ``"cosine"`` or ``"linear"``.
         qc: write QC PNGs (before/after thumbnails, tissue mask).
         qc_size: longest side of QC thumbnails.
+        fast_path: let a tile function that is one fixed per-pixel map with a libvips form
+            (classical normalizers after the per-slide fit) run read → map → pyramid in libvips
+            (:mod:`genpath.wsi.vips_slide`) where it applies; False always uses the tile engine.
     """
 
     tile_size: int = 512
@@ -63,6 +66,7 @@ class SlideOptions:
     feather: str = "cosine"
     qc: bool = True
     qc_size: int = 1024
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         if self.output_format not in ("tiff", "ome-zarr"):
