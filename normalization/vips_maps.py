@@ -133,8 +133,11 @@ def reinhard_lab_map_vips(image: Any, p: torch.Tensor, q: torch.Tensor) -> Any:
     linear = np.where(byte > 0.04045, ((byte + 0.055) / 1.055) ** 2.4, byte / 12.92).astype(np.float32)
     white = np.asarray(_WHITE)
     lin = image.maplut(lut_image(linear))
-    t = lin.recomb(_matrix_image(np.asarray(_RGB_TO_XYZ) / white[:, None])).clamp(min=0.0, max=1.0)
-    f = (t > 0.008856).ifthenelse(t ** (1.0 / 3.0), t * 7.787 + 4.0 / 29.0)
+    steps = 65535  # LAB's companding f(t), t in [0, 1], by a table (as the uint8 kernel)
+    t = np.arange(steps + 1, dtype=np.float64) / steps
+    companding = np.where(t > 0.008856, np.maximum(t, 0.008856) ** (1 / 3), 7.787 * t + 4.0 / 29.0)
+    index = lin.recomb(_matrix_image(np.asarray(_RGB_TO_XYZ) / white[:, None] * steps)).linear(1.0, 0.5)
+    f = index.cast("ushort").maplut(lut_image(companding.astype(np.float32)))  # the cast clips to [0, 1]
     lab = f.recomb(_matrix_image(p.detach().double().cpu().numpy())).linear(
         [1.0] * 3, q.detach().double().cpu().numpy().reshape(3).tolist()
     )
@@ -144,7 +147,6 @@ def reinhard_lab_map_vips(image: Any, p: torch.Tensor, q: torch.Tensor) -> Any:
     f = f[0:2].bandjoin(f[2].clamp(min=0.0, max=1e30))  # kornia: Z < 0 is out of range
     xyz = (f > 0.2068966).ifthenelse(f * f * f, (f - 4.0 / 29.0) / 7.787)
     rgb = xyz.recomb(_matrix_image(np.asarray(_XYZ_TO_RGB) * white[None, :]))
-    steps = 65535
     index = rgb.linear([float(steps)] * 3, [0.5] * 3).cast("ushort")  # clips to [0, 1]
     lin_out = np.arange(steps + 1, dtype=np.float64) / steps
     srgb = np.where(lin_out > 0.0031308, 1.055 * np.maximum(lin_out, 0.0031308) ** (1 / 2.4) - 0.055, 12.92 * lin_out)

@@ -143,34 +143,36 @@ def _write_with_vips(
     is_foreground: Callable[[int, int], bool],
     mpp: float | None,
     progress: Callable[[int, int], None] | None,
-) -> bool:
+) -> int | None:
     """Write the slide through libvips when the tile function is a fixed per-pixel map with a libvips form.
 
-    Returns False (nothing written) when the fast path does not apply or libvips fails: the
-    caller then runs the tile engine, so failures and their messages stay those of that path.
+    Returns the number of tissue windows, or None (nothing written) when the fast path does not
+    apply or libvips fails: the caller then runs the tile engine, so failures and their messages
+    stay those of that path.
     """
     vips_map = getattr(tile_function, "vips_map", None)
     if not callable(vips_map):
-        return False
+        return None
     source = vips_source(reader, options)
     mapped = None if source is None else vips_map(source)
     if mapped is None:
-        return False
+        return None
     import pyvips
 
     total = grid.rows * grid.cols
+    foreground = _foreground_grid(grid, is_foreground)
 
     def report(share: float) -> None:
         if progress:
             progress(round(share * total), total)
 
     try:
-        write_mapped_slide(source, mapped, _foreground_grid(grid, is_foreground), output, options, mpp, report)
+        write_mapped_slide(source, mapped, foreground, output, options, mpp, report)
     except pyvips.Error as error:
         logger.warning("%s: libvips failed (%s); using the tile engine", reader.path, str(error).splitlines()[0])
-        return False
+        return None
     logger.info("%s: written by libvips (fixed per-pixel map)", reader.path)
-    return True
+    return int(foreground.sum())
 
 
 def _process_open_slide(
@@ -235,8 +237,9 @@ def _process_open_slide(
 
     output.parent.mkdir(parents=True, exist_ok=True)
     logger.info("%s: %dx%d at level %d, %d windows", reader.path, width, height, level, total)
-    if _write_with_vips(reader, output, tile_function, options, grid, is_foreground, out_mpp, progress):
-        counts["done"], counts["tissue"] = total, int(_foreground_grid(grid, is_foreground).sum())
+    tissue_tiles = _write_with_vips(reader, output, tile_function, options, grid, is_foreground, out_mpp, progress)
+    if tissue_tiles is not None:
+        counts["done"], counts["tissue"] = total, tissue_tiles
     elif options.output_format == "tiff":
         writer = TiffPyramidWriter(output, width, height, options.tile_size, out_mpp, options.compression,
                                    options.quality, options.aperio)

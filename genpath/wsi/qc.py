@@ -22,11 +22,32 @@ def _read_output_thumbnail(output: Path, shape: tuple[int, int], level_size: tup
         coarsest = next((k for k in keys if max(group[k].shape[1:]) <= 2 * max(shape)), keys[-1])
         image = np.moveaxis(np.asarray(group[coarsest]), 0, -1)
     else:
+        quick = _vips_thumbnail(output, shape)
+        if quick is not None:
+            return quick
         with open_slide(output) as slide:
             image = slide.thumbnail(max(1.0, level_size[0] / shape[1]))
     return np.clip(resize(image, shape, order=1, anti_aliasing=True, preserve_range=True).round(), 0, 255).astype(
         np.uint8
     )
+
+
+def _vips_thumbnail(output: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """Shrink the output TIFF to ``shape`` with libvips (from its coarsest useful level); None without pyvips."""
+    from genpath.wsi.vips_slide import vips_available
+
+    if not vips_available():
+        return None
+    import pyvips
+
+    try:
+        image = pyvips.Image.thumbnail(str(output), shape[1], height=shape[0], size="force")
+        array = image.numpy()
+    except pyvips.Error:
+        return None
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, -1)
+    return np.ascontiguousarray(array[..., :3]).astype(np.uint8)
 
 
 def write_qc(
