@@ -23,9 +23,16 @@ import torch.nn.functional as F
 from genpath.utils.quiet_imports import import_kornia
 from normalization.fastmath import inverse_2x2, largest_eigenvalue_2x2, masked_quantile, pinv_stains
 
-import_kornia()  # before kornia: no import-time TorchScript deprecation noise
 
-from kornia.color import lab_to_rgb, rgb_to_lab  # noqa: E402
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """Convert RGB to CIE-LAB with kornia (imported on first use: a slide run through libvips never needs it)."""
+    return import_kornia().color.rgb_to_lab(rgb)
+
+
+def lab_to_rgb(lab: torch.Tensor, clip: bool = True) -> torch.Tensor:
+    """Convert CIE-LAB to RGB with kornia (imported on first use)."""
+    return import_kornia().color.lab_to_rgb(lab, clip=clip)
+
 
 #: Reference H and E OD vectors (columns) and 99th-percentile concentrations, from torchstain /
 #: Macenko et al. 2009. Used to tell H from E and as a fallback target.
