@@ -30,21 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from normalization.fused import _F_TO_LAB, _LAB_OFFSET, _RGB_TO_XYZ, _WHITE, _XYZ_TO_RGB  # kornia's LAB constants
+
 #: Steps per unit of the quantised log-intensity ``w`` fed to the 65536-entry output table.
 VIPS_OD_STEPS = 11000
 #: Largest ``|w|`` exponent (natural log) the power-product form keeps finite in float32.
 _MAX_EXPONENT = 80.0
 
-# kornia's LAB constants (the same as normalization.fused).
-_WHITE = (0.95047, 1.0, 1.08883)
-_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
-_XYZ_TO_RGB = (
-    (3.2404813432005266, -1.5371515162713185, -0.4985363261688878),
-    (-0.9692549499965682, 1.8759900014898907, 0.0415559265582928),
-    (0.0556466391351772, -0.2040413383665112, 1.0573110696453443),
-)
-_F_TO_LAB = ((0.0, 116.0, 0.0), (500.0, -500.0, 0.0), (0.0, 200.0, -200.0))
-_LAB_OFFSET = (-16.0, 0.0, 0.0)
 
 
 def lut_image(values: np.ndarray) -> Any:
