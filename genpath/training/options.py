@@ -76,11 +76,17 @@ class StainFuserOptions:
 
 @dataclass
 class ControlNetOptions:
-    """Nuclei-mask ControlNet over a frozen LDM ``pipeline``."""
+    """Nuclei-mask ControlNet over a frozen LDM ``pipeline``.
+
+    ``init`` continues a trained ControlNet; ``consistency_weight`` weighs the segmentation-consistency
+    loss (0: off; see :mod:`genpath.training.controlnet`).
+    """
 
     pipeline: str | None = None
     num_types: int = 0
     cond_dropout: float = 0.1
+    init: str | None = None
+    consistency_weight: float = 0.0
 
 
 @dataclass
@@ -159,7 +165,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "num_patches": (1, None), "pyramid_levels": (1, 16), "max_radius": (0, 32), "cond_dropout": (0, 1),
     "p_each": (0, 1), "temperature": (1e-6, None), "nce_temperature": (1e-6, None), "kl_weight": (0, None),
     "ssim_weight": (0, None), "cosine_weight": (0, None), "lambda_gan": (0, None), "lambda_nce": (0, None),
-    "lambda_asp": (0, None), "lambda_pyramid": (0, None),
+    "lambda_asp": (0, None), "lambda_pyramid": (0, None), "consistency_weight": (0, None),
 }
 
 
