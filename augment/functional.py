@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from kornia.color import lab_to_rgb, rgb_to_lab
 from skimage.color import hed_from_rgb, rgb_from_hed
 
 from augment.geometry import (  # noqa: F401 - the geometric functions are part of this module's API
@@ -29,9 +28,11 @@ from augment.geometry import (  # noqa: F401 - the geometric functions are part 
 from augment.params import PARAM_SCHEMA
 from normalization.functional import (
     concentrations_lstsq,
+    lab_to_rgb,
     macenko_stain_matrix,
     od_to_rgb,
     render_od,
+    rgb_to_lab,
     rgb_to_od,
     sample_pixels,
     tissue_mask_od,

@@ -95,7 +95,7 @@ def state_swatches(state: dict[str, Any] | None, prefix: str = "") -> list[Swatc
                 swatches.append(Swatch(f"{prefix}{name} {pct}", _od_colour([conc * (v or 0.0) for v in vector]),
                                        f"{prefix}{name} {pct} concentration {conc:.3f}"))
     elif "lab_mean" in state:
-        from kornia.color import lab_to_rgb
+        from normalization.functional import lab_to_rgb
 
         mean = torch.tensor([v or 0.0 for v in state["lab_mean"]]).reshape(1, 3, 1, 1)
         rgb = (lab_to_rgb(mean, clip=True).flatten() * 255).tolist()

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kornia.filters import gaussian_blur2d
 
 from genpath.image_tensor import check_image
+from genpath.utils.quiet_imports import import_kornia
 from normalization.functional import (
     REFERENCE_STAINS,
     concentrations_lstsq,
@@ -96,7 +96,7 @@ def apply_scanner(rgb: torch.Tensor, scanner: ScannerResponse) -> torch.Tensor:
     y = (1.0 - weight) * y + weight * (y * y * (3.0 - 2.0 * y))
     sigma = scanner.blur_sigma.to(rgb).clamp(min=1e-3)
     if bool((sigma > 0.05).any()):
-        y = gaussian_blur2d(y, (5, 5), torch.stack([sigma, sigma], -1), border_type="reflect")
+        y = import_kornia().filters.gaussian_blur2d(y, (5, 5), torch.stack([sigma, sigma], -1), border_type="reflect")
     return y.clamp(0.0, 1.0)
 
 

@@ -10,7 +10,10 @@ import torch.nn.functional as F
 
 from genpath.data import shared_data_root
 from genpath.io.images import read_image
+from genpath.utils.quiet_imports import import_kornia
 from normalization.functional import od_to_rgb, render_od
+
+import_kornia()  # tests import kornia directly; its import-time TorchScript warnings are not under test
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
