@@ -33,7 +33,7 @@ from normalization.tiles import normalize_tiles, refuse_output_collisions
 logger = get_logger(__name__)
 Mode = Literal["tiles", "slides"]
 SLIDE_KEYS = ("tile_size", "overlap", "level", "compression")
-OPTION_KEYS = ("on_invalid", "model")
+OPTION_KEYS = ("on_invalid", "model", "colour_anchor")
 
 
 def detect_mode(inputs: Sequence[str | Path], output_format: str | None = None,
@@ -51,7 +51,7 @@ def resolve_normalize_config(config_file: str | Path | None, mode: Mode, **overr
 
     Overrides are :class:`NormalizeConfig` fields, or slide keys (``tile_size``, ``overlap``,
     ``level``, ``compression``) that go to the ``slide`` block, or normalizer options
-    (``on_invalid``, ``model``) that go to ``options``. A tile-dependent method (``stainfuser``)
+    (``on_invalid``, ``model``, ``colour_anchor``) that go to ``options``. A tile-dependent method (``stainfuser``)
     gets a 32-pixel feathered overlap on slides unless one is set.
 
     Raises:

@@ -29,6 +29,9 @@ Config = Annotated[Path | None, typer.Option(help="YAML run config (configs/norm
 SaveState = Annotated[Path | None, typer.Option(help="Save the fitted normalizer here (.safetensors, a new file).")]
 BatchSize = Annotated[int | None, typer.Option(help="Tiles (tiles) or windows (slides) per call.")]
 OnInvalid = Annotated[str | None, typer.Option(help="passthrough, reference or raise.")]
+ColourAnchor = Annotated[str | None, typer.Option(
+    help="stainfuser: reinhard (default for genpath's own models: pin each output tile's colour statistics "
+         "to the target's) or none.")]
 TileFormat = Annotated[str | None, typer.Option("--format", help="png, jpg, tif or same.")]
 SlideFormat = Annotated[str | None, typer.Option("--format", help="tiff (pyramidal BigTIFF) or ome-zarr.")]
 AnyFormat = Annotated[str | None, typer.Option("--format", help="Tiles: png, jpg, tif, same; slides: tiff, ome-zarr.")]
@@ -49,14 +52,15 @@ Scheduler = Annotated[str | None, typer.Option(help="Dask scheduler address (def
 @user_errors
 def tiles(inputs: Inputs, out: Out, method: Method = None, model: Model = None, target: Target = None,
           state: State = None, config: Config = None, save_state: SaveState = None, batch_size: BatchSize = None,
-          output_format: TileFormat = None, on_invalid: OnInvalid = None,
+          output_format: TileFormat = None, on_invalid: OnInvalid = None, colour_anchor: ColourAnchor = None,
           overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in OUT made with "
                                                   "other settings (its outputs are removed first).")] = False) -> None:
     """Normalize image tiles (PNG/JPEG/TIFF) to OUT/<name>.<format>, with OUT/manifest.json and OUT/run.json."""
     from genpath.apps.normalize import resolve_normalize_config
 
     cfg = resolve_normalize_config(config, "tiles", method=method, model=model, target=target, state=state,
-                                   batch_size=batch_size, output_format=output_format, on_invalid=on_invalid)
+                                   batch_size=batch_size, output_format=output_format, on_invalid=on_invalid,
+                                   colour_anchor=colour_anchor)
     _run_tiles(inputs, out, cfg, save_state, overwrite)
 
 
@@ -67,7 +71,7 @@ def slides(inputs: Inputs, out: Out, method: Method = None, model: Model = None,
            output_format: SlideFormat = None, on_invalid: OnInvalid = None, tile_size: TileSize = None,
            overlap: Overlap = None, level: Level = None, mpp: Mpp = None, compression: Compression = None,
            resume: Resume = None, skip_errors: SkipErrors = None, workers: Workers = None,
-           executor: Executor = None, scheduler: Scheduler = None) -> None:
+           executor: Executor = None, scheduler: Scheduler = None, colour_anchor: ColourAnchor = None) -> None:
     """Normalize whole slides to pyramidal OUT/<name>.tiff or .ome.zarr, with manifest.csv, config.yaml, QC."""
     from genpath.apps.normalize import resolve_normalize_config
 
@@ -75,7 +79,7 @@ def slides(inputs: Inputs, out: Out, method: Method = None, model: Model = None,
         config, "slides", method=method, model=model, target=target, state=state, batch_size=batch_size,
         output_format=output_format, on_invalid=on_invalid, tile_size=tile_size, overlap=overlap, level=level,
         mpp=mpp, compression=compression, resume=resume, skip_errors=skip_errors, workers=workers,
-        executor=executor, scheduler=scheduler)
+        executor=executor, scheduler=scheduler, colour_anchor=colour_anchor)
     _run_slides(inputs, out, cfg, save_state)
 
 

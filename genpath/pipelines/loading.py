@@ -42,8 +42,10 @@ from typing import Any, Self
 import torch
 
 from genpath.utils.logging import get_logger
+from genpath.utils.quiet_imports import import_kornia
 
 logger = get_logger(__name__)
+import_kornia()  # diffusers' pipeline loading imports kornia (guiders): without its TorchScript warnings
 
 ARGUMENT = "pretrained_model_name_or_path"
 _PIPELINES: dict[str, type[GenpathPipelineMixin]] = {}
