@@ -75,6 +75,17 @@ class StainFuserOptions:
 
 
 @dataclass
+class StainFuserDistillOptions:
+    """One-step student of a trained StainTransferPipeline ``teacher``: targets from ``teacher_steps`` DDIM steps."""
+
+    teacher: str | None = None
+    teacher_steps: int = 20
+    simulator: dict[str, Any] = field(default_factory=dict)
+    target_weight: float = 0.0
+    cache_samples: int = 0
+
+
+@dataclass
 class ControlNetOptions:
     """Nuclei-mask ControlNet over a frozen LDM ``pipeline``.
 
@@ -147,6 +158,9 @@ TRAINERS: dict[str, TrainerSpec] = {
                               "configs/stainfuser_small.yaml",
                               "Train the diffusion stain normalizer on restaining-simulator triplets.",
                               "diffusers:UNet2DConditionModel", "genpath.training.stainfuser:STAINFUSER_UNET"),
+    "stainfuser-distill": TrainerSpec("genpath.training.distill:train_stainfuser_distill", StainFuserDistillOptions,
+                                      "configs/stainfuser_1step.yaml",
+                                      "Distil a trained diffusion stain normalizer into a one-step student."),
     "controlnet": TrainerSpec("genpath.training.controlnet:train_controlnet", ControlNetOptions,
                               "configs/controlnet_hgsc.yaml",
                               "Train the nuclei-mask ControlNet on a frozen LDM (saves a MaskToImagePipeline)."),
@@ -165,7 +179,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "num_patches": (1, None), "pyramid_levels": (1, 16), "max_radius": (0, 32), "cond_dropout": (0, 1),
     "p_each": (0, 1), "temperature": (1e-6, None), "nce_temperature": (1e-6, None), "kl_weight": (0, None),
     "ssim_weight": (0, None), "cosine_weight": (0, None), "lambda_gan": (0, None), "lambda_nce": (0, None),
-    "lambda_asp": (0, None), "lambda_pyramid": (0, None), "consistency_weight": (0, None),
+    "lambda_asp": (0, None), "lambda_pyramid": (0, None), "teacher_steps": (1, 1000), "target_weight": (0, None),
+    "cache_samples": (0, None), "consistency_weight": (0, None),
 }
 
 
