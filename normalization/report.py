@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -37,7 +36,7 @@ from genpath import __version__
 from genpath.image_tensor import to_float_batch
 from genpath.report.html import ReportHeader, Swatch
 from genpath.report.tiles import TILE_VALUE_COLUMNS, TileBatchReport, run_settings_hash
-from normalization.base import StainNormalizer
+from normalization.base import SlideMap, StainNormalizer
 from normalization.functional import rgb_to_od
 
 __all__ = ["RecordingSlideFitter", "report_tiles", "stain_state", "state_swatches", "tile_report",
@@ -154,7 +153,7 @@ class RecordingSlideFitter:
     def fit_slide(self, images: torch.Tensor, mask: torch.Tensor | None = None
                   ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         fitted = self.normalizer.fit_slide(images, mask)
-        source = fitted.keywords.get("source") if isinstance(fitted, functools.partial) else None
+        source = fitted.stats if isinstance(fitted, SlideMap) else None
         if source is not None:
             self.state = stain_state(self.normalizer, source)
         return fitted
