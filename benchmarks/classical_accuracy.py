@@ -58,13 +58,19 @@ def simulator_benchmark() -> None:
         print(f"{name:10s} SSIM {s:.3f}  PSNR {p:5.2f} dB  dE2000 {d:5.2f}")
 
 
-def mitos_benchmark(root: Path) -> None:
-    folder = root / "mitos_scanner_pairs"
+def mitos_pairs_by_slide(folder: Path) -> dict[str, list[dict]]:
+    """Rows of ``folder/pairs.csv`` grouped by slide."""
     with open(folder / "pairs.csv") as handle:
         pairs = list(csv.DictReader(handle))
     by_slide: dict[str, list[dict]] = {}
     for row in pairs:
         by_slide.setdefault(row["slide"], []).append(row)
+    return by_slide
+
+
+def mitos_benchmark(root: Path) -> None:
+    folder = root / "mitos_scanner_pairs"
+    by_slide = mitos_pairs_by_slide(folder)
     import torchstain
 
     results: dict[str, list[tuple[float, ...]]] = {}

@@ -19,7 +19,6 @@ Run: ``python benchmarks/stainfuser_distill.py --out /work/runs/stainfuser_disti
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tiles import load_rgb, tissue_tiles  # noqa: E402
-from classical_accuracy import scores  # noqa: E402
+from classical_accuracy import mitos_pairs_by_slide, scores  # noqa: E402
 from stainfuser_accuracy import heldout_tiles  # noqa: E402
 
 from genpath.data import shared_data_root  # noqa: E402
@@ -92,11 +91,7 @@ def simulator_part(named: dict[str, tuple[Path, int, str]], out: Path) -> None:
 
 def mitos_part(named: dict[str, tuple[Path, int, str]], root: Path, out: Path) -> None:
     folder = root / "mitos_scanner_pairs"
-    with open(folder / "pairs.csv") as handle:
-        pairs = list(csv.DictReader(handle))
-    by_slide: dict[str, list[dict]] = {}
-    for row in pairs:
-        by_slide.setdefault(row["slide"], []).append(row)
+    by_slide = mitos_pairs_by_slide(folder)
     done = done_keys(out)
     crop = (slice(None), slice(None), slice(8, -8), slice(8, -8))
     for name, (model, steps, anchor) in {"none": (None, 0, "none"), **named}.items():

@@ -18,16 +18,7 @@ from genpath.training.configs import load_train_config
 from genpath.training.distill import DEFAULT_STEPS_KEY, ddim_latents, export_student, one_step_timestep
 from normalization.restain import RestainingSimulator
 from tests.conftest import ROOT
-
-TINY_UNET = {
-    "block_out_channels": (16, 32),
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    "layers_per_block": 1,
-    "cross_attention_dim": 16,
-    "attention_head_dim": 4,
-    "norm_num_groups": 8,
-}
+from tests.normalization.test_stainfuser import TINY_UNET
 
 
 @pytest.fixture(scope="module")
